@@ -1,0 +1,40 @@
+"""Install faig_fast.
+
+The C++/CUDA extension in ``csrc/`` is not built here: it is compiled on first use with
+``torch.utils.cpp_extension.load`` (ninja), so an install never needs a compiler, a CUDA
+toolkit or a torch inside pip's build environment.  When that build fails the library
+falls back to the pure-PyTorch path and says so once.
+"""
+from setuptools import setup
+
+setup(
+    name="faig_fast",
+    version="0.1.0",
+    description="Fast FAIG: filter attribution based on integral gradients for blind SR",
+    python_requires=">=3.9",
+    packages=["faig_fast", "faig_fast.models", "faig_fast.analyses", "faig_fast.kernels"],
+    package_dir={"faig_fast": "faig_fast", "faig_fast.kernels": "kernels"},
+    package_data={"faig_fast": ["csrc/*", "assets/*"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4,<2.15",
+        "numpy>=1.24",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+        "Pillow>=9.0",
+        "scikit-image>=0.21",
+        "pybind11>=2.10",
+        "ninja>=1.11",
+        "triton>=3.0; platform_system=='Linux'",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=7",
+            "pytest-benchmark>=4",
+            "hypothesis>=6",
+            "opencv-python-headless>=4.8",
+        ],
+    },
+    entry_points={"console_scripts": ["faig=faig_fast.cli:main"]},
+)
