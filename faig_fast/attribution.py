@@ -1,0 +1,205 @@
+"""The result of a FAIG run: per-degradation filter scores, Eq. 7, rankings, and persistence."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from faig_fast.errors import FAIGError, InvalidInputError
+from faig_fast.filters import FilterIndex, FilterInfo
+
+FORMAT = "faig_fast.attribution/1"
+
+
+class Attribution:
+    """Per-degradation sums of per-image filter scores Σ_kk |FAIG_i|, with image counts.
+
+    ``scores(D)`` is Eq. 7: the mean score over images labelled ``D`` minus the mean over all
+    images not labelled ``D``.  Per-image scores and convergence deltas are kept when requested.
+    """
+
+    def __init__(self, index: FilterIndex, meta: dict | None = None, keep_per_image: bool = False):
+        self.index = index
+        self.meta: dict = dict(meta or {})
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.keep_per_image = keep_per_image
+        self.image_names: list[str] = []
+        self.image_labels: list[str] = []
+        self.image_scores: list[torch.Tensor] = []
+        self.convergence_delta: list[float] = []
+
+    # accumulation -----------------------------------------------------------------------------
+    def add(self, label: str, scores: torch.Tensor, name: str = "", delta: float | None = None) -> None:
+        """Add one image's per-filter scores (1-D, ``len(self.index)`` long)."""
+        scores = scores.detach().to("cpu", torch.float64).reshape(-1)
+        if scores.numel() != len(self.index):
+            raise FAIGError(f"scores for '{name}' have {scores.numel()} filters, expected {len(self.index)}")
+        if label in self.sums:
+            self.sums[label] += scores
+        else:
+            self.sums[label] = scores.clone()
+        self.counts[label] = self.counts.get(label, 0) + 1
+        self.image_names.append(name)
+        self.image_labels.append(label)
+        if delta is not None:
+            self.convergence_delta.append(float(delta))
+        if self.keep_per_image:
+            self.image_scores.append(scores.clone())
+
+    def merge(self, other: "Attribution") -> "Attribution":
+        """Combine two partial results over disjoint images (e.g. shards)."""
+        if other.index != self.index:
+            raise FAIGError("cannot merge attributions of different models")
+        for label, s in other.sums.items():
+            self.sums[label] = self.sums[label] + s if label in self.sums else s.clone()
+            self.counts[label] = self.counts.get(label, 0) + other.counts[label]
+        self.image_names += other.image_names
+        self.image_labels += other.image_labels
+        self.image_scores += other.image_scores
+        self.convergence_delta += other.convergence_delta
+        return self
+
+    # queries ----------------------------------------------------------------------------------
+    @property
+    def labels(self) -> list[str]:
+        return sorted(self.sums)
+
+    @property
+    def filters(self) -> list[FilterInfo]:
+        """(layer, out channel, in channel, flat index) of every filter, in flat-index order."""
+        return list(self.index)
+
+    def _check_label(self, label: str) -> None:
+        if label not in self.sums:
+            raise InvalidInputError(f"unknown degradation label '{label}'; this attribution has {self.labels}")
+
+    def mean(self, label: str) -> torch.Tensor:
+        """Mean per-filter score over the images labelled ``label``."""
+        self._check_label(label)
+        return self.sums[label] / self.counts[label]
+
+    def scores(self, label: str, subtract_others: bool = True) -> torch.Tensor:
+        """Eq. 7 for degradation ``label`` (float64, one value per filter)."""
+        m = self.mean(label)
+        others = [l for l in self.sums if l != label]
+        if not subtract_others or not others:
+            return m
+        total = sum(self.sums[l] for l in others)
+        return m - total / sum(self.counts[l] for l in others)
+
+    def ranking(self, label: str, subtract_others: bool = True) -> torch.Tensor:
+        """Flat filter indices by descending score; ties keep index order (deterministic)."""
+        return torch.sort(self.scores(label, subtract_others), descending=True, stable=True).indices
+
+    def top(self, label: str, fraction: float = 0.01, subtract_others: bool = True) -> torch.Tensor:
+        """The top ``fraction`` of filters for ``label`` (at least one)."""
+        return self.ranking(label, subtract_others)[: top_count(len(self.index), fraction)]
+
+    def image_ranking(self, i: int) -> torch.Tensor:
+        """Ranking of image ``i``'s own filter scores (Eq. 6, used by degradation prediction)."""
+        if not self.image_scores:
+            raise FAIGError("per-image scores were not kept: call attribute(..., keep_per_image=True)")
+        return torch.sort(self.image_scores[i], descending=True, stable=True).indices
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{l}: {self.counts[l]}" for l in self.labels)
+        return f"Attribution({len(self.index)} filters; images {{{counts}}})"
+
+    # persistence ------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write safetensors + JSON metadata atomically (the previous file survives a failure)."""
+        path = Path(path)
+        tensors = {f"sum/{l}": s.contiguous() for l, s in self.sums.items()}
+        if self.image_scores:
+            tensors["per_image"] = torch.stack(self.image_scores).contiguous()
+        header = {
+            "format": FORMAT,
+            "filters": self.index.to_json(),
+            "counts": self.counts,
+            "image_names": self.image_names,
+            "image_labels": self.image_labels,
+            "convergence_delta": self.convergence_delta,
+            "keep_per_image": self.keep_per_image,
+            "meta": self.meta,
+        }
+        atomic_save_safetensors(tensors, {"faig_fast": json.dumps(header)}, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Attribution":
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = json.loads((f.metadata() or {})["faig_fast"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except FileNotFoundError:
+            raise InvalidInputError(f"attribution file not found: {path}") from None
+        except Exception as e:  # safetensors raises its own types for corrupt files
+            raise InvalidInputError(f"{path} is not a readable faig_fast attribution file: {e}") from None
+        if header.get("format") != FORMAT:
+            raise InvalidInputError(f"{path}: unknown attribution format {header.get('format')!r}")
+        a = cls(FilterIndex.from_json(header["filters"]), header["meta"], header["keep_per_image"])
+        a.counts = {k: int(v) for k, v in header["counts"].items()}
+        a.sums = {l: tensors[f"sum/{l}"] for l in a.counts}
+        a.image_names = header["image_names"]
+        a.image_labels = header["image_labels"]
+        a.convergence_delta = header["convergence_delta"]
+        if "per_image" in tensors:
+            a.image_scores = list(tensors["per_image"].unbind(0))
+        return a
+
+
+def top_count(num_filters: int, fraction: float) -> int:
+    """How many filters the top ``fraction`` holds: ⌊fraction·n⌋, at least one."""
+    if not 0 < fraction <= 1:
+        raise InvalidInputError(f"fraction must lie in (0, 1], got {fraction}")
+    return max(1, int(math.floor(fraction * num_filters + 1e-9)))
+
+
+def jaccard(a: Iterable[int] | torch.Tensor, b: Iterable[int] | torch.Tensor) -> float:
+    """|a ∩ b| / |a ∪ b| of two index sets."""
+    sa = set(a.tolist() if isinstance(a, torch.Tensor) else a)
+    sb = set(b.tolist() if isinstance(b, torch.Tensor) else b)
+    return len(sa & sb) / max(1, len(sa | sb))
+
+
+def read_index_file(path: str | os.PathLike) -> torch.Tensor:
+    """Read an authors'-style neuron-search index ``.txt`` (integers separated by whitespace/commas)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise InvalidInputError(f"cannot read index file {path}: {e}") from None
+    tokens = text.replace(",", " ").replace("[", " ").replace("]", " ").split()
+    try:
+        return torch.tensor([int(float(t)) for t in tokens], dtype=torch.long)
+    except ValueError as e:
+        raise InvalidInputError(f"{path} is not an index file of integers: {e}") from None
+
+
+def write_index_file(indices: Sequence[int] | torch.Tensor, path: str | os.PathLike) -> None:
+    """Write indices one per line, as the authors' scripts do."""
+    vals = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
+    Path(path).write_text("".join(f"{int(v)}\n" for v in vals))
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
+    """safetensors ``save_file`` to a temp file in the same folder, then ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,38 @@
+"""Quadrature rules for the path integral of Eq. 5 on α ∈ [0, 1].
+
+Names follow Captum.  ``riemann_left`` with α_k = k/N is the paper's Eq. 6 and the default.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from faig_fast.errors import InvalidInputError
+
+METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
+
+
+def nodes_and_weights(method: str = "riemann_left", steps: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """α nodes and weights (float64) such that ∫₀¹ f(α) dα ≈ Σ_k w_k f(α_k)."""
+    if method not in METHODS:
+        raise InvalidInputError(f"unknown quadrature method '{method}'; choose one of {', '.join(METHODS)}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise InvalidInputError(f"steps must be a positive integer, got {steps!r}")
+    n = int(steps)
+    k = np.arange(n, dtype=np.float64)
+    if method == "riemann_left":
+        a, w = k / n, np.full(n, 1.0 / n)
+    elif method == "riemann_right":
+        a, w = (k + 1) / n, np.full(n, 1.0 / n)
+    elif method == "riemann_middle":
+        a, w = (k + 0.5) / n, np.full(n, 1.0 / n)
+    elif method == "riemann_trapezoid":
+        if n < 2:
+            raise InvalidInputError("riemann_trapezoid needs steps >= 2")
+        a = k / (n - 1)
+        w = np.full(n, 1.0 / (n - 1))
+        w[0] = w[-1] = 0.5 / (n - 1)
+    else:
+        x, wx = np.polynomial.legendre.leggauss(n)
+        a, w = (x + 1) / 2, wx / 2
+    return torch.from_numpy(a), torch.from_numpy(w)

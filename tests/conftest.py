@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny model pairs and images that make FAIG tests fast on 2 CPU cores."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+class TinySR(nn.Module):
+    """A plain ×2 SR net (conv → LeakyReLU → conv → PixelShuffle) that is not from the registry."""
+
+    def __init__(self, feat: int = 4, scale: int = 2):
+        super().__init__()
+        self.head = nn.Conv2d(3, feat, 3, padding=1)
+        self.mid = nn.Conv2d(feat, feat, 1)
+        self.tail = nn.Conv2d(feat, 3 * scale * scale, 3, padding=1)
+        self.shuffle = nn.PixelShuffle(scale)
+        self.upscale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.leaky_relu(self.head(x), 0.1)
+        h = F.leaky_relu(self.mid(h), 0.1)
+        return self.shuffle(self.tail(h)) + F.interpolate(x, scale_factor=self.upscale, mode="bilinear",
+                                                          align_corners=False)
+
+
+def make_pair(feat: int = 4, seed: int = 0, dtype=torch.float64, noise: float = 0.05):
+    """A baseline and a nearby target, as fine-tuning would give."""
+    torch.manual_seed(seed)
+    a = TinySR(feat).to(dtype)
+    b = TinySR(feat).to(dtype)
+    b.load_state_dict({k: v + noise * torch.randn_like(v) for k, v in a.state_dict().items()})
+    return a.eval(), b.eval()
+
+
+def make_images(n: int = 3, size: int = 6, seed: int = 1, dtype=torch.float64, scale: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    gt = torch.rand(n, 3, size * scale, size * scale, generator=g, dtype=dtype)
+    lq = F.avg_pool2d(gt, scale).clamp(0, 1)
+    return lq, gt
+
+
+def make_loader(labels=("blur", "noise", "blur"), size: int = 6, dtype=torch.float64, seed: int = 1):
+    lq, gt = make_images(len(labels), size, seed, dtype)
+    return [(lq[i], gt[i], labels[i]) for i in range(len(labels))]
+
+
+@pytest.fixture
+def pair():
+    return make_pair()
+
+
+@pytest.fixture
+def loader():
+    return make_loader()
