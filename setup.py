@@ -14,7 +14,7 @@ setup(
     python_requires=">=3.9",
     packages=["faig_fast", "faig_fast.models", "faig_fast.analyses", "faig_fast.kernels"],
     package_dir={"faig_fast": "faig_fast", "faig_fast.kernels": "kernels"},
-    package_data={"faig_fast": ["csrc/*", "assets/*"]},
+    package_data={"faig_fast": ["assets/*", "assets/*/*", "assets/*/*/*"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4,<2.15",

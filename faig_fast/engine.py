@@ -116,7 +116,7 @@ class PathEngine:
             raise InvalidInputError(
                 f"model output is {tuple(out.shape[-2:])} but gt is {tuple(gt.shape[-2:])}: "
                 "lq/gt sizes do not match the model's scale")
-        return ((out.float() - gt) ** 2).flatten(1).sum(1)
+        return ((out.to(gt.dtype) - gt) ** 2).flatten(1).sum(1)
 
     # public -------------------------------------------------------------------------------------
     def integrate(self, lq: torch.Tensor, gt: torch.Tensor, method: str = "riemann_left", steps: int = 100,

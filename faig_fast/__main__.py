@@ -1,0 +1,5 @@
+import sys
+
+from faig_fast.cli import main
+
+sys.exit(main())

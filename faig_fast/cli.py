@@ -1,0 +1,191 @@
+"""The ``faig`` command line: attribute, train, reproduce, bench, demo, info."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from faig_fast.errors import FAIGError
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _add_attribute(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("attribute", help="FAIG of a baseline/target pair over an image folder")
+    p.add_argument("--baseline", required=True, help="baseline model θ̄ (safetensors or BasicSR .pth)")
+    p.add_argument("--target", required=True, help="target model θ (fine-tuned for blur+noise)")
+    p.add_argument("--arch", default=None, help="architecture for checkpoints without metadata (e.g. msrresnet)")
+    p.add_argument("--data", default=str(DEFAULT_DATA / "Set14"), help="image folder (default: ../shared/data/Set14)")
+    p.add_argument("--degradations", nargs="+", default=["blur", "noise"])
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--method", default="riemann_left")
+    p.add_argument("--strategy", default="auto")
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--device", default=None)
+    p.add_argument("--crop", type=int, default=None, help="center-crop GT images to this size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top", type=float, default=0.01, help="fraction of filters to list per degradation")
+    p.add_argument("--out", default="runs/attribution.safetensors")
+    p.add_argument("--index-dir", default=None, help="also write authors-style top-filter index .txt files here")
+    p.add_argument("--keep-per-image", action="store_true")
+    p.add_argument("--resume-dir", default=None, help="persist per-image results here and resume from them")
+
+
+def cmd_attribute(args: argparse.Namespace) -> int:
+    from faig_fast.attribution import write_index_file
+    from faig_fast.data import DegradedImageDataset
+    from faig_fast.models import load_model
+    from faig_fast.runs import attribute_dataset, init_distributed
+
+    rank, world = init_distributed()
+    kw = {"arch": args.arch} if args.arch else {}
+    model_a = load_model(args.baseline, **kw)
+    model_b = load_model(args.target, **kw)
+    dataset = DegradedImageDataset(args.data, tuple(args.degradations), scale=model_b.upscale, seed=args.seed,
+                                   crop=args.crop)
+    t0 = time.perf_counter()
+    result = attribute_dataset(model_a, model_b, dataset, steps=args.steps, method=args.method,
+                               strategy=args.strategy, precision=args.precision, device=args.device,
+                               keep_per_image=args.keep_per_image, resume_dir=args.resume_dir, progress=True)
+    elapsed = time.perf_counter() - t0
+    if rank != 0:
+        return 0
+    path = result.save(args.out)
+    summary = {"out": str(path), "seconds": round(elapsed, 2), "images": sum(result.counts.values()),
+               "processes": world}
+    for label in result.labels:
+        top = result.top(label, args.top)
+        summary[f"top_{label}"] = top[:10].tolist()
+        if args.index_dir:
+            Path(args.index_dir).mkdir(parents=True, exist_ok=True)
+            write_index_file(top, Path(args.index_dir) / f"{label}_top{args.top:g}.txt")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a baseline/target model pair (paper Sec. 5.1)")
+    p.add_argument("--arch", default="msrresnet", choices=["msrresnet", "srcnn_style"])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--data", default=str(DEFAULT_DATA / "SunHays80"))
+    p.add_argument("--out", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--baseline-iters", type=int, default=None)
+    p.add_argument("--finetune-iters", type=int, default=None)
+    p.add_argument("--eval", action="store_true", help="print PSNR on Set14 and Set5 afterwards")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from faig_fast.train import train_pair
+
+    out = Path(args.out or f"runs/train-{args.arch}-{args.preset}")
+    base, target = train_pair(args.arch, args.preset, args.data, out, seed=args.seed,
+                              baseline_iters=args.baseline_iters, finetune_iters=args.finetune_iters)
+    print(f"baseline: {base}\ntarget:   {target}")
+    if args.eval:
+        from faig_fast.evaluate import psnr_table
+        from faig_fast.models import load_model
+
+        models = {"baseline": load_model(base), "target": load_model(target)}
+        sets = {n: DEFAULT_DATA / n for n in ("Set14", "Set5") if (DEFAULT_DATA / n).exists()}
+        table = psnr_table(models, sets)
+        (out / "psnr.md").write_text(table)
+        print(table)
+    return 0
+
+
+def _add_reproduce(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reproduce", help="the paper end to end: train → attribute → analyses → report")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "small", "paper"])
+    p.add_argument("--data-root", default=str(DEFAULT_DATA))
+    p.add_argument("--out", default=None)
+    p.add_argument("--no-resume", action="store_true")
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from faig_fast.reproduce import reproduce
+
+    kw = {"out_dir": Path(args.out)} if args.out else {}
+    report = reproduce(args.preset, data_root=Path(args.data_root), resume=not args.no_resume, **kw)
+    print(f"report: {report}")
+    return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="time the engine against the naive loop; writes JSON")
+    p.add_argument("--arch", default="msrresnet")
+    p.add_argument("--preset", default="paper")
+    p.add_argument("--size", type=int, default=32, help="LR crop size (square)")
+    p.add_argument("--images", type=int, default=2)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--method", default="riemann_left")
+    p.add_argument("--cases", nargs="+", default=None, help="subset of cases to run")
+    p.add_argument("--device", default=None)
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>-<time>.json)")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from faig_fast.bench import run_benchmarks
+
+    path = run_benchmarks(arch=args.arch, preset=args.preset, size=args.size, images=args.images,
+                          steps=args.steps, method=args.method, cases=args.cases, device=args.device,
+                          repeat=args.repeat, out=args.out)
+    print(f"results: {path}")
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="attribute the shipped tiny pair on bundled images and write a report")
+    p.add_argument("--out", default="runs/demo")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from faig_fast.demo import run_demo
+
+    report = run_demo(Path(args.out))
+    print(f"\nDemo report: {report.resolve()}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    import faig_fast
+    from faig_fast.reduction import available_backends
+
+    print(json.dumps({"faig_fast": faig_fast.__version__, "torch": torch.__version__,
+                      "cuda": torch.cuda.is_available(), "reduction_backends": available_backends()}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="faig", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_attribute(sub)
+    _add_train(sub)
+    _add_reproduce(sub)
+    _add_bench(sub)
+    _add_demo(sub)
+    sub.add_parser("info", help="versions and available reduction backends")
+    return parser
+
+
+COMMANDS = {"attribute": cmd_attribute, "train": cmd_train, "reproduce": cmd_reproduce, "bench": cmd_bench,
+            "demo": cmd_demo, "info": cmd_info}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except FAIGError as e:
+        print(f"faig {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
