@@ -12,9 +12,9 @@ setup(
     version="0.1.0",
     description="Fast FAIG: filter attribution based on integral gradients for blind SR",
     python_requires=">=3.9",
-    packages=["faig_fast", "faig_fast.models", "faig_fast.analyses", "faig_fast.kernels"],
-    package_dir={"faig_fast": "faig_fast", "faig_fast.kernels": "kernels"},
-    package_data={"faig_fast": ["assets/*", "assets/*/*", "assets/*/*/*"]},
+    packages=["faig_fast", "faig_fast.models", "faig_fast.analyses", "faig_fast.kernels", "faig_fast.csrc"],
+    package_dir={"faig_fast": "faig_fast", "faig_fast.kernels": "kernels", "faig_fast.csrc": "csrc"},
+    package_data={"faig_fast": ["assets/*", "assets/*/*", "assets/*/*/*"], "faig_fast.csrc": ["*.cpp", "*.cu"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4,<2.15",
