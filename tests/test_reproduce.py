@@ -1,0 +1,104 @@
+"""A micro end-to-end reproduction: every stage, the report, and resuming without recomputation."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from faig_fast.models import create_model, save_model
+from faig_fast.report import HEADERS
+from faig_fast.reproduce import PRESET_CONFIGS, reproduce
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP oversubscription on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+MICRO = {
+    "crop": 32, "steps": 2, "ig_steps": 2, "prediction_steps": 2, "backend": "torch",
+    "bsd_calib": 2, "bsd_test": 2, "bsd_crop": 32,
+    "retrain_iters": 2, "retrain_batch": 2, "retrain_patch": 32, "retrain_images": None,
+    "table_fractions": [0.01, 0.05], "curve_fractions": [0.0, 0.01, 1.0], "lams": [0.0, 1.0],
+}
+
+
+def _write_images(folder, n, size, seed):
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        # smooth-ish content so blur and noise change the image differently
+        base = rng.random((size // 8, size // 8, 3))
+        img = np.kron(base, np.ones((8, 8, 1))) * 0.7 + 0.3 * rng.random((size, size, 3))
+        Image.fromarray((img * 255).astype(np.uint8)).save(folder / f"im{i:02d}.png")
+
+
+@pytest.fixture
+def micro_setup(tmp_path):
+    data = tmp_path / "data"
+    _write_images(data / "Set14", 2, 40, 0)
+    _write_images(data / "BSD68", 4, 40, 1)
+    _write_images(data / "SunHays80", 2, 48, 2)
+    torch.manual_seed(0)
+    a = create_model("msrresnet", preset="tiny", upscale=2)
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        for n, p in b.named_parameters():
+            p.add_(0.03 * torch.randn_like(p))
+    pair = tmp_path / "pair"
+    save_model(a, pair / "baseline.safetensors", {"preset": "tiny"})
+    save_model(b, pair / "target.safetensors", {"preset": "tiny"})
+    return data, pair, tmp_path / "out"
+
+
+def test_micro_reproduce_and_resume(micro_setup):
+    data, pair, out = micro_setup
+    report = reproduce("tiny", data_root=data, out_dir=out, seeds=(0,), pair_dir=pair, config=MICRO,
+                       progress=False)
+    text = report.read_text()
+    for h in HEADERS.values():
+        assert h in text
+    assert "_Not run._" not in text
+    for f in ("pair.json", "faig_set14.safetensors", "ig_set14.safetensors", "masking.json", "retrain.json",
+              "faig_bsd68_calib.safetensors", "faig_bsd68_test.safetensors", "prediction.json",
+              "modulation.json", "timings.json", "figures/masking_curves.png", "figures/layer_distribution.png",
+              "figures/masking_examples.png", "figures/modulation.png"):
+        assert (out / f).exists(), f
+    retrain = json.loads((out / "retrain.json").read_text())
+    assert set(retrain["methods"]) == {"faig", "ig", "weight_change", "random"}
+    pred = json.loads((out / "prediction.json").read_text())
+    assert len(pred["test"]["labels"]) == 2 * 3 and set(pred["thresholds"]) == {"blur", "noise"}
+
+    stage_files = [p for p in out.rglob("*") if p.is_file()]
+    mtimes = {p: p.stat().st_mtime_ns for p in stage_files}
+    timings = (out / "timings.json").read_text()
+    report2 = reproduce("tiny", data_root=data, out_dir=out, seeds=(0,), pair_dir=pair, config=MICRO,
+                        progress=False)
+    assert report2 == report
+    # nothing was recomputed or rewritten (config.json is re-written with the same content)
+    changed = [p for p in stage_files if p.name != "config.json" and p.stat().st_mtime_ns != mtimes[p]]
+    assert changed == []
+    assert (out / "timings.json").read_text() == timings
+
+    # a lost stage file is recomputed alone; a different configuration is refused
+    (out / "modulation.json").unlink()
+    reproduce("tiny", data_root=data, out_dir=out, seeds=(0,), pair_dir=pair, config=MICRO, progress=False)
+    assert (out / "modulation.json").exists()
+    assert (out / "masking.json").stat().st_mtime_ns == mtimes[out / "masking.json"]
+    with pytest.raises(Exception, match="different configuration"):
+        reproduce("tiny", data_root=data, out_dir=out, seeds=(0, 1), pair_dir=pair, config=MICRO, progress=False)
+
+
+def test_unknown_preset_and_config_key(tmp_path):
+    with pytest.raises(Exception, match="unknown preset"):
+        reproduce("huge", data_root=tmp_path, out_dir=tmp_path / "o")
+    with pytest.raises(Exception, match="unknown config key"):
+        reproduce("tiny", data_root=tmp_path, out_dir=tmp_path / "o", config={"nope": 1})
+    assert set(PRESET_CONFIGS) == {"tiny", "small", "paper"}
