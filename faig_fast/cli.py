@@ -138,6 +138,42 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_study(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("study", help="accuracy studies: quadrature rules / reduced precision vs a reference")
+    p.add_argument("kind", choices=["quadrature", "precision"])
+    p.add_argument("--pair", default="msrresnet_small", help="shipped pair name or a folder with baseline/target")
+    p.add_argument("--data", default=str(DEFAULT_DATA / "Set14"))
+    p.add_argument("--crop", type=int, default=96, help="GT center crop (0 = full images)")
+    p.add_argument("--images", type=int, default=14)
+    p.add_argument("--reference-nodes", type=int, default=64)
+    p.add_argument("--out", default=None)
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from faig_fast.data import DegradedImageDataset
+    from faig_fast.models import load_model
+    from faig_fast.studies import precision_study, quadrature_markdown, quadrature_study, save_json
+
+    folder = Path(args.pair)
+    if not folder.exists():
+        folder = Path(__file__).resolve().parent / "assets" / "pairs" / args.pair
+    a, b = load_model(folder / "baseline.safetensors"), load_model(folder / "target.safetensors")
+    ds = DegradedImageDataset(args.data, ("blur", "noise"), scale=b.upscale, seed=0, crop=args.crop or None)
+    names = ds.names[: args.images]
+    items = [ds[i] for i in range(len(ds)) if ds.item_name(i).split("/")[0] in names]
+    if args.kind == "quadrature":
+        doc = quadrature_study(a, b, items, reference_nodes=args.reference_nodes)
+        print(quadrature_markdown(doc))
+        print(f"fewest Gauss–Legendre nodes matching Riemann N=100: {doc['fewest_gl_nodes']}")
+    else:
+        doc = precision_study(a, b, items, precisions=("bf16",))
+        print(json.dumps(doc["rows"], indent=1))
+    doc.update(pair=str(folder), data=args.data, crop=args.crop, images=len(names))
+    out = args.out or f"benchmarks/results/study-{args.kind}-{folder.name}.json"
+    print(f"results: {save_json(doc, out)}")
+    return 0
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="attribute the shipped tiny pair on bundled images and write a report")
     p.add_argument("--out", default="runs/demo")
@@ -169,13 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_reproduce(sub)
     _add_bench(sub)
+    _add_study(sub)
     _add_demo(sub)
     sub.add_parser("info", help="versions and available reduction backends")
     return parser
 
 
 COMMANDS = {"attribute": cmd_attribute, "train": cmd_train, "reproduce": cmd_reproduce, "bench": cmd_bench,
-            "demo": cmd_demo, "info": cmd_info}
+            "study": cmd_study, "demo": cmd_demo, "info": cmd_info}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,47 @@
+"""pytest-benchmark: FAIG engine strategies against the naive loop (the paper's per-step passes).
+
+MSRResNet 16×64 ×2 (the paper's size; random-init pair unless a trained ``msrresnet_paper`` pair is
+shipped), two 32×32 LR crops (one blurry, one noisy), N steps of the left Riemann rule, plus the
+engine with Gauss–Legendre at the node count from ``faig study quadrature``.  Run on an idle machine:
+``.venv/bin/python -m pytest benchmarks/bench_engine.py`` (``--benchmark-disable`` for a smoke run;
+``FAIG_BENCH_STEPS`` to change N).  ``faig bench`` writes the same comparison as JSON.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from faig_fast.api import attribute
+from faig_fast.bench import _images, _pair
+from faig_fast.reference import reference_attribute
+
+STEPS = int(os.environ.get("FAIG_BENCH_STEPS", "20"))
+GL_NODES = int(os.environ.get("FAIG_BENCH_GL_NODES", "12"))
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    a, b, _ = _pair("msrresnet", "paper")
+    items, _ = _images(32, 2)
+    return a.to(DEVICE), b.to(DEVICE), [(x.to(DEVICE), y.to(DEVICE), l) for x, y, l in items]
+
+
+def test_naive_loop(benchmark, setup):
+    a, b, items = setup
+    benchmark.pedantic(reference_attribute, args=(a, b, items, STEPS), rounds=1, iterations=1)
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap", "linear"])
+def test_engine(benchmark, setup, strategy):
+    a, b, items = setup
+    benchmark.pedantic(attribute, args=(a, b, items), kwargs={"steps": STEPS, "strategy": strategy},
+                       rounds=1, iterations=1)
+
+
+def test_engine_gauss_legendre(benchmark, setup):
+    a, b, items = setup
+    benchmark.pedantic(attribute, args=(a, b, items), kwargs={"steps": GL_NODES, "method": "gausslegendre"},
+                       rounds=1, iterations=1)
