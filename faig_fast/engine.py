@@ -176,7 +176,7 @@ class PathEngine:
             out = out.expand(alphas.shape[0], *out.shape[1:])
         loss = (weights * self._loss(out, y.expand(out.shape[0], *y.shape[1:]))).sum()
         gs = torch.autograd.grad(loss, list(params.values()))
-        return {n: g[None] for n, g in zip(self.param_names, gs)}
+        return dict(zip(self.param_names, gs))
 
     # chunking -----------------------------------------------------------------------------------
     def step_bytes(self, x: torch.Tensor) -> int:

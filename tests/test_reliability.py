@@ -1,0 +1,87 @@
+"""Faults and determinism: OOM back-off, failed saves, bit-identical reruns."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_images, make_loader, make_pair
+from faig_fast import attribute
+from faig_fast.attribution import Attribution
+from faig_fast.engine import PathEngine
+from faig_fast.errors import InvalidInputError
+
+
+def test_oom_halves_the_chunk_and_retries(monkeypatch):
+    a, b = make_pair()
+    lq, gt = make_images(1)
+    engine = PathEngine(a, b, strategy="linear", precision="fp64", chunk_size=8)
+    expected = PathEngine(a, b, strategy="loop", precision="fp64").integrate(lq, gt, steps=8)[0].grads
+    real = engine._linear_chunk
+    seen = []
+
+    def flaky(x, y, alphas, weights):
+        seen.append(len(alphas))
+        if len(alphas) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(x, y, alphas, weights)
+
+    monkeypatch.setattr(engine, "_linear_chunk", flaky)
+    got = engine.integrate(lq, gt, steps=8)[0].grads
+    assert seen[:3] == [8, 4, 2]
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-10, atol=1e-12)
+
+
+def test_oom_at_chunk_one_is_raised(monkeypatch):
+    a, b = make_pair()
+    lq, gt = make_images(1)
+    engine = PathEngine(a, b, strategy="linear", chunk_size=1)
+
+    def always(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(engine, "_linear_chunk", always)
+    with pytest.raises(torch.OutOfMemoryError):
+        engine.integrate(lq, gt, steps=2)
+
+
+def test_chunk_planner_respects_budget():
+    a, b = make_pair()
+    lq, _ = make_images(1)
+    engine = PathEngine(a, b, strategy="vmap", memory_budget=1)
+    assert engine.plan_chunk(lq[:1].to(engine.dtype), 100) == 1
+    engine = PathEngine(a, b, strategy="vmap", memory_budget=1 << 40)
+    assert engine.plan_chunk(lq[:1].to(engine.dtype), 100) == 100
+
+
+def test_failed_save_keeps_previous_result(tmp_path, monkeypatch):
+    a, b = make_pair()
+    res = attribute(a, b, make_loader(), steps=2)
+    path = res.save(tmp_path / "r.safetensors")
+    before = path.read_bytes()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr("faig_fast.attribution.save_file", broken)
+    with pytest.raises(OSError):
+        res.save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["r.safetensors"]
+
+
+def test_corrupt_result_file_is_named(tmp_path):
+    bad = tmp_path / "r.safetensors"
+    bad.write_bytes(b"\x00" * 20)
+    with pytest.raises(InvalidInputError, match="r.safetensors"):
+        Attribution.load(bad)
+
+
+def test_reruns_are_bit_identical():
+    a, b = make_pair(dtype=torch.float32)
+    data = [(x.float(), y.float(), l) for x, y, l in make_loader()]
+    r1 = attribute(a, b, data, steps=5)
+    r2 = attribute(a, b, data, steps=5)
+    for label in r1.labels:
+        assert torch.equal(r1.sums[label], r2.sums[label])
+        assert torch.equal(r1.ranking(label), r2.ranking(label))
