@@ -195,9 +195,14 @@ def test_run_prediction_on_synthetic_attributions():
     for att in (cal, test):
         for lab in ("clean", "blur", "noise"):
             att.add(lab, img(lab))
-    res = P.run_prediction(disc, cal, test, fraction=0.01)
+    res = P.run_prediction(disc, cal, test, fraction=0.01, fixed_thresholds={"blur": 0.5, "noise": 2.0})
     assert res["test_accuracy"] == {"blur": 1.0, "noise": 1.0, "overall": 1.0}
     assert res["test"]["predicted"] == ["clean", "blur", "noise"]
+    assert set(res["protocols"]) == {"all_labels", "degraded_only", "fixed", "fixed_degraded_only"}
+    only = res["protocols"]["degraded_only"]["test_accuracy"]
+    assert only == {"blur": 1.0, "noise": 1.0, "overall": 1.0}
+    fixed = res["protocols"]["fixed_degraded_only"]["test_accuracy"]  # T_noise = 2 never fires
+    assert fixed == {"blur": 1.0, "noise": 0.5, "overall": 0.5}
 
 
 # ----------------------------------------------------------------------------------- modulation

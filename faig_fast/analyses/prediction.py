@@ -117,22 +117,42 @@ def accuracy(scores_by_label: dict[str, list[dict[str, float]]], thresholds: dic
     return out
 
 
+def _protocol(cal: dict, tst: dict, degradations: Sequence[str], fixed: dict[str, float] | None = None) -> dict:
+    thr = dict(fixed) if fixed is not None else calibrate_thresholds(cal, degradations)
+    return {"thresholds": thr, "calibration_accuracy": accuracy(cal, thr), "test_accuracy": accuracy(tst, thr)}
+
+
 def run_prediction(discover: Attribution, calibrate: Attribution, test: Attribution, *, fraction: float = 0.01,
-                   degradations: Sequence[str] = ("blur", "noise")) -> dict:
+                   degradations: Sequence[str] = ("blur", "noise"),
+                   fixed_thresholds: dict[str, float] | None = None) -> dict:
     """The Sec. 5.3 protocol: {filter_D} from ``discover`` (Eq. 7), T_D on ``calibrate``, accuracy on
-    ``test``. Returns a JSON-able dict (thresholds, accuracies, per-image scores and labels)."""
+    ``test``. Returns a JSON-able dict (thresholds, accuracies, per-image scores and labels).
+
+    The top-level thresholds/accuracies use every label of the splits (e.g. clean images as negatives
+    for every D); ``protocols`` also holds ``degraded_only`` (only images labelled with one of
+    ``degradations``) and, with ``fixed_thresholds`` (e.g. the paper's), ``fixed`` and
+    ``fixed_degraded_only`` using those thresholds instead of calibrated ones.
+    """
     tops = {d: discover.top(d, fraction) for d in degradations}
     cal = overlap_scores(calibrate, tops, fraction)
     tst = overlap_scores(test, tops, fraction)
     cal_g = group_by_label(cal, calibrate.image_labels)
     tst_g = group_by_label(tst, test.image_labels)
-    thr = calibrate_thresholds(cal_g, degradations)
+
+    def only(g: dict) -> dict:
+        return {l: r for l, r in g.items() if l in degradations}
+    protocols = {"all_labels": _protocol(cal_g, tst_g, degradations),
+                 "degraded_only": _protocol(only(cal_g), only(tst_g), degradations)}
+    if fixed_thresholds is not None:
+        fixed = {d: fixed_thresholds[d] for d in degradations}
+        protocols["fixed"] = _protocol(cal_g, tst_g, degradations, fixed)
+        protocols["fixed_degraded_only"] = _protocol(only(cal_g), only(tst_g), degradations, fixed)
+    main = protocols["all_labels"]
     mean_os = {l: {d: float(np.mean([r[d] for r in rows])) for d in degradations} for l, rows in tst_g.items()}
     return {
-        "fraction": fraction, "degradations": list(degradations), "thresholds": thr,
-        "calibration_accuracy": accuracy(cal_g, thr), "test_accuracy": accuracy(tst_g, thr),
+        "fraction": fraction, "degradations": list(degradations), **main, "protocols": protocols,
         "test_mean_overlap": mean_os,
         "calibration": {"names": calibrate.image_names, "labels": calibrate.image_labels, "scores": cal},
         "test": {"names": test.image_names, "labels": test.image_labels, "scores": tst,
-                 "predicted": predict(tst, thr)},
+                 "predicted": predict(tst, main["thresholds"])},
     }
