@@ -55,12 +55,13 @@ class Attributor:
     def score_batch(self, batch: Batch) -> Iterator[ImageScore]:
         """Per-image scores of one validated batch, in order."""
         n = len(batch)
-        chunk = max(1, self.internal_batch_size or n) if self.engine.strategy == "vmap" else n
+        chunk = max(1, self.internal_batch_size or n)
         for start in range(0, n, chunk):
             sl = slice(start, start + chunk)
             images = self.engine.integrate(batch.lq[sl], batch.gt[sl], self.method, self.steps,
                                            endpoints=self.with_delta)
             scores = self.scorer(images)
+            self.meta["strategy"] = self.engine.strategy
             for j, img in enumerate(images):
                 k = start + j
                 delta = convergence_delta(self.engine, img) if self.with_delta else None
@@ -92,6 +93,7 @@ def attribute(model_a: nn.Module, model_b: nn.Module, loader: Iterable, *, steps
             for s in att.score_batch(batch):
                 result.add(s.label, s.scores, s.name, s.delta)
                 bar.update(1)
+    result.meta.update(att.meta)
     return result
 
 

@@ -8,6 +8,8 @@ Three strategies compute the same quantity ḡ = Σ_k w_k ∂L/∂γ at γ = θ 
 * ``vmap``   — ``torch.func``: ``vmap`` over a chunk of steps (and over images of equal size), with
   the gradient taken w.r.t. the shared base θ so the weighted sum over steps falls out of autograd.
   Works for any ``nn.Module``.
+* ``tune``   — time the candidates on the first image's first steps and keep the fastest; what
+  ``auto`` means on GPU (on CPU ``auto`` is ``loop``).
 * ``linear`` — the linear-path form: conv(h, θ + αΔ) = conv(h, θ) + α·conv(h, Δ), so a chunk of
   steps runs as one batch through dense convolutions with the shared weight [θ; Δ].  Needs a model
   whose parameters all belong to ``nn.Conv2d`` layers (true of the SR models here).
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -30,7 +33,7 @@ from faig_fast.errors import InvalidInputError
 from faig_fast.filters import FilterIndex, check_pair
 from faig_fast.quadrature import nodes_and_weights
 
-STRATEGIES = ("auto", "loop", "vmap", "linear")
+STRATEGIES = ("auto", "tune", "loop", "vmap", "linear")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp64")
 
 
@@ -80,13 +83,13 @@ class PathEngine:
         self.buf_delta = {n: (sa[n] - sb[n]) if sb[n].is_floating_point() else None for n in self.buffer_names}
         self.index = FilterIndex.from_model(model_b)
         if strategy == "auto":
-            strategy = "loop" if self.device.type == "cpu" else (
-                "linear" if linear_path_supported(self.net) else "vmap")
+            strategy = "loop" if self.device.type == "cpu" else "tune"
         if strategy == "linear" and not linear_path_supported(self.net):
             raise InvalidInputError(
                 f"strategy 'linear' needs every parameter inside an nn.Conv2d (zero padding) and no floating "
                 f"buffers; {type(model_b).__name__} does not qualify: use 'vmap' or 'loop'")
         self.strategy = strategy
+        self.tuning: dict[str, float] = {}
         self.chunk_size = chunk_size
         self.memory_budget = memory_budget
         self._step_bytes: dict[tuple, int] = {}
@@ -119,12 +122,35 @@ class PathEngine:
         return ((out.to(gt.dtype) - gt) ** 2).flatten(1).sum(1)
 
     # public -------------------------------------------------------------------------------------
+    def candidates(self) -> list[str]:
+        return (["linear"] if linear_path_supported(self.net) else []) + ["vmap", "loop"]
+
+    def tune(self, lq: torch.Tensor, gt: torch.Tensor, steps: int = 8) -> dict[str, float]:
+        """Time each strategy on a few steps of one image and keep the fastest (seconds per step)."""
+        timings = {}
+        for s in self.candidates():
+            self.strategy = s
+            try:
+                for _ in range(2):  # the first call warms caches and kernels up
+                    _sync(self.device)
+                    t0 = time.perf_counter()
+                    self.integrate(lq[:1], gt[:1], "riemann_left", steps)
+                    _sync(self.device)
+                timings[s] = (time.perf_counter() - t0) / steps
+            except torch.OutOfMemoryError:
+                continue
+        self.strategy = min(timings, key=timings.get)
+        self.tuning = timings
+        return timings
+
     def integrate(self, lq: torch.Tensor, gt: torch.Tensor, method: str = "riemann_left", steps: int = 100,
                   endpoints: bool = False) -> list[ImageResult]:
         """ḡ for each image of a same-size batch ``lq`` (B,3,h,w), ``gt`` (B,3,H,W)."""
         alphas, weights = nodes_and_weights(method, steps)
         lq = lq.to(self.device, self.dtype)
         gt = gt.to(self.device, self.dtype)
+        if self.strategy == "tune":
+            self.tune(lq, gt, min(steps, 8))
         results = []
         if self.strategy == "vmap":
             grads_b = self._run_chunked(lq[:1], alphas, weights, lambda a, w: self._vmap_chunk(lq, gt, a, w),
@@ -236,6 +262,11 @@ class PathEngine:
             start = stop
         assert total is not None
         return total
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @contextlib.contextmanager

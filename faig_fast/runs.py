@@ -83,6 +83,7 @@ def attribute_dataset(model_a: nn.Module, model_b: nn.Module, dataset: Sequence,
         result.add(s.label, s.scores, s.name, s.delta)
     if world > 1:
         result = _all_reduce(result, att, keep_per_image)
+    result.meta.update(att.meta)
     return result
 
 

@@ -16,7 +16,7 @@ from faig_fast.filters import FilterIndex
 from faig_fast.reference import reference_attribute
 
 
-@pytest.mark.parametrize("strategy", ["loop", "vmap", "linear"])
+@pytest.mark.parametrize("strategy", ["loop", "vmap", "linear", "tune"])
 @pytest.mark.parametrize("method", ["riemann_left", "gausslegendre"])
 def test_attribute_equals_reference(strategy, method):
     a, b = make_pair()
@@ -190,3 +190,9 @@ def test_model_without_convs():
     a, b = nn.Sequential(nn.Linear(3, 3)), nn.Sequential(nn.Linear(3, 3))
     with pytest.raises(InvalidInputError, match="no convolution"):
         attribute(a, b, make_loader(), steps=2)
+
+
+def test_tune_keeps_the_fastest_measured_strategy():
+    a, b = make_pair()
+    res = attribute(a, b, make_loader(("blur",)), steps=3, strategy="tune")
+    assert res.meta["strategy"] in ("loop", "vmap", "linear")
