@@ -86,7 +86,8 @@ def masking_section(masking: dict) -> list[str]:
              "Output change when the top p% filters for the input's own degradation are masked (replaced by "
              "the baseline's): 1000 × MSE of the gradient maps of the gray outputs, target vs masked; mean±std "
              f"over seeds {masking['seeds']} (the seed re-draws the random baseline and the input noise). "
-             "Larger = those filters matter more. Paper: Set14, full-size SRResNet.", "",
+             "Larger = those filters matter more. FAIG, IG and |θ−θ̄| rank filters once, so on blurry inputs "
+             "(no noise to re-draw) their spread is zero by construction. Paper: Set14, full-size SRResNet.", "",
              "| input | method | " + " | ".join(f"ours {p}" for p in pct) + " | paper 1% | paper 5% |",
              "|---|---|" + "---:|" * (len(fr) + 2)]
     for inp in masking["inputs"]:

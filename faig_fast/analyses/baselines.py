@@ -43,11 +43,12 @@ def _filter_abs_sum(grads: dict[str, torch.Tensor], index: FilterIndex) -> torch
 
 
 def ig_image_scores(model_target: nn.Module, clean_lq: torch.Tensor, lq: torch.Tensor, *, steps: int = 100,
-                    method: str = "riemann_left", chunk: int = 16) -> torch.Tensor:
+                    method: str = "riemann_left", chunk: int | None = None) -> torch.Tensor:
     """Per-filter IntInf score of one image (1-D float64): Σ_kk |Σ_k w_k ∂ΣF(θ, x̄+α_k(x−x̄))/∂θ|.
 
-    The path steps run ``chunk`` at a time as one batch: the gradient of Σ_k w_k ΣF(x_k) w.r.t. the
-    shared weights is the weighted sum of the per-step gradients.
+    The path steps run ``chunk`` at a time as one batch (default: up to 16, at most 2²⁰ LR pixels per
+    batch): the gradient of Σ_k w_k ΣF(x_k) w.r.t. the shared weights is the weighted sum of the
+    per-step gradients.
     """
     clean_lq = clean_lq.unsqueeze(0) if clean_lq.dim() == 3 else clean_lq
     lq = lq.unsqueeze(0) if lq.dim() == 3 else lq
@@ -58,6 +59,8 @@ def ig_image_scores(model_target: nn.Module, clean_lq: torch.Tensor, lq: torch.T
     params = dict(model_target.named_parameters())
     weights_of = [params[n] for n in names]
     alphas, w = nodes_and_weights(method, steps)
+    if chunk is None:
+        chunk = max(1, min(16, 2**20 // (lq.shape[-1] * lq.shape[-2])))
     p0 = next(model_target.parameters())
     x0, dx = clean_lq.to(p0), (lq - clean_lq).to(p0)
     total = {n: torch.zeros_like(params[n]) for n in names}
