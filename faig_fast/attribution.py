@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -12,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from faig_fast.atomic import atomic_write
 from faig_fast.errors import FAIGError, InvalidInputError
 from faig_fast.filters import FilterIndex, FilterInfo
 
@@ -192,14 +192,6 @@ def write_index_file(indices: Sequence[int] | torch.Tensor, path: str | os.PathL
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    """safetensors ``save_file`` to a temp file in the same folder, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    """safetensors ``save_file``, atomically."""
+    with atomic_write(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from faig_fast.atomic import atomic_write_text
 
 METHODS = ("faig", "ig", "weight_change", "random")
 METHOD_NAMES = {"faig": "FAIG", "ig": "IG", "weight_change": "\\|θ−θ̄\\|", "random": "Random"}
@@ -257,9 +258,4 @@ def write_report(path: str | os.PathLike, results: dict[str, Any]) -> Path:
         lines.append(f"| **total** | {sum(timings.values()):.1f} |")
     lines += ["", results.get("environment", ""), ""]
     text = "\n".join(lines).rstrip() + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, text)

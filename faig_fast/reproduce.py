@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -37,6 +36,7 @@ from faig_fast.analyses import figures as FIG
 from faig_fast.analyses import masking as M
 from faig_fast.analyses import modulation as MOD
 from faig_fast.analyses import prediction as P
+from faig_fast.atomic import atomic_write_text
 from faig_fast.attribution import Attribution, jaccard, top_count
 from faig_fast.data import DegradedImageDataset, list_images, loader
 from faig_fast.errors import InvalidInputError
@@ -105,18 +105,8 @@ def shipped_pair_dir(arch: str, preset: str) -> Path:
 
 
 def write_json(path: Path, obj: Any) -> Path:
-    """JSON dump to a temp file in the same folder, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, default=_jsonable)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """JSON dump, atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=1, default=_jsonable))
 
 
 def _jsonable(o: Any) -> Any:

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from torch import nn
 
 from faig_fast.api import attribute

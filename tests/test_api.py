@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import faig_fast
-from conftest import TinySR, make_images, make_loader, make_pair
+from conftest import make_images, make_loader, make_pair
 from faig_fast import attribute
 from faig_fast.attribution import Attribution, jaccard, read_index_file, top_count, write_index_file
 from faig_fast.errors import FAIGError, InvalidInputError, ModelMismatchError

@@ -10,7 +10,6 @@ Every function writes its PNG atomically (temp file + ``os.replace``) and return
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -19,6 +18,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from faig_fast.atomic import atomic_write
 from faig_fast.filters import FilterIndex
 
 LABEL_NAMES = {"blur": "deblurring", "noise": "denoising"}
@@ -28,17 +28,9 @@ METHOD_NAMES = {"faig": "FAIG", "ig": "IG", "weight_change": "|θ−θ̄|", "ran
 
 def _save(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_write(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

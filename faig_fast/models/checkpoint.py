@@ -9,7 +9,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Union
 
@@ -18,6 +17,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from faig_fast.atomic import atomic_write
 from faig_fast.errors import CheckpointError, FAIGError, InvalidInputError
 from faig_fast.models.registry import VALID_SCALES, create_model, list_models
 
@@ -114,20 +114,11 @@ def load_state_dict_file(path: PathLike) -> dict[str, torch.Tensor]:
 
 def _atomic_write_safetensors(tensors: dict[str, torch.Tensor], path: Path,
                               header: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        # Looked up at call time so tests can monkeypatch safetensors.torch.save_file.
-        safetensors.torch.save_file(tensors, tmp, metadata=header)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            # Looked up at call time so tests can monkeypatch safetensors.torch.save_file.
+            safetensors.torch.save_file(tensors, tmp, metadata=header)
     except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         if isinstance(e, Exception) and not isinstance(e, FAIGError):
             raise CheckpointError(
                 f"failed to write checkpoint {str(path)!r} ({type(e).__name__}: {e}); "
