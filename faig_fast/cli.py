@@ -103,13 +103,19 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root", default=str(DEFAULT_DATA))
     p.add_argument("--out", default=None)
     p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--pair-dir", default="auto",
+                   help="'auto' (shipped pair if any, else train), 'train', or a folder with baseline/target")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 is best on a busy CPU)")
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from faig_fast.reproduce import reproduce
 
     kw = {"out_dir": Path(args.out)} if args.out else {}
-    report = reproduce(args.preset, data_root=Path(args.data_root), resume=not args.no_resume, **kw)
+    pair = None if args.pair_dir == "train" else args.pair_dir
+    report = reproduce(args.preset, data_root=Path(args.data_root), resume=not args.no_resume, pair_dir=pair,
+                       seeds=tuple(args.seeds), threads=args.threads, **kw)
     print(f"report: {report}")
     return 0
 
