@@ -31,6 +31,7 @@ from torch.func import functional_call, grad, vmap
 
 from faig_fast.errors import InvalidInputError
 from faig_fast.filters import FilterIndex, check_pair
+from faig_fast.linear_path_ops import linear_path_combine
 from faig_fast.quadrature import nodes_and_weights
 
 STRATEGIES = ("auto", "tune", "loop", "vmap", "linear")
@@ -279,19 +280,40 @@ def _tf32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
+class _FusedCombine(torch.autograd.Function):
+    """y = a + α·b + bias with the fused Triton epilogue forward and an exact PyTorch backward."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, alphas: torch.Tensor, bias: torch.Tensor | None):
+        ctx.save_for_backward(alphas)
+        ctx.has_bias = bias is not None
+        return linear_path_combine(a, b, alphas, bias, None, backend="triton")
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (alphas,) = ctx.saved_tensors
+        gb = g * alphas.to(g.dtype).view(-1, 1, 1, 1)
+        return g, gb, None, g.sum((2, 3)) if ctx.has_bias else None
+
+
 def linear_path_conv(x: torch.Tensor, w: torch.Tensor, dw: torch.Tensor, b: torch.Tensor | None,
-                     db: torch.Tensor | None, alphas: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+                     db: torch.Tensor | None, alphas: torch.Tensor, conv: nn.Conv2d,
+                     fused: bool | None = None) -> torch.Tensor:
     """conv(x, w + αΔw) + b + αΔb for a batch of α, as one conv with stacked weights [w; Δw].
 
     ``x`` has batch S (one sample per α) or 1 (the same input for every α, e.g. the first layer).
+    ``fused`` (default: on CUDA) runs the combine as the Triton epilogue.
     """
     c = w.shape[0]
     y = F.conv2d(x, torch.cat([w, dw.to(w.dtype)]), None, conv.stride, conv.padding, conv.dilation, conv.groups)
     a = alphas.to(y.dtype).view(-1, 1, 1, 1)
+    bias = None if b is None else (b[None] + a.view(-1, 1) * db[None]).to(y.dtype)
+    if fused is None:
+        fused = y.is_cuda
+    if fused and y.shape[0] == alphas.shape[0]:
+        return _FusedCombine.apply(y[:, :c], y[:, c:], alphas.to(y.dtype), bias)
     out = y[:, :c] + a * y[:, c:]
-    if b is not None:
-        out = out + (b[None] + a.view(-1, 1) * db[None]).to(out.dtype)[:, :, None, None]
-    return out
+    return out if bias is None else out + bias[:, :, None, None]
 
 
 @contextlib.contextmanager
