@@ -131,6 +131,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cases", nargs="+", default=None, help="subset of cases to run")
     p.add_argument("--device", default=None)
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--gl-nodes", type=int, default=12, help="Gauss–Legendre nodes of the loop-gl case")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>-<time>.json)")
 
 
@@ -139,7 +140,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     path = run_benchmarks(arch=args.arch, preset=args.preset, size=args.size, images=args.images,
                           steps=args.steps, method=args.method, cases=args.cases, device=args.device,
-                          repeat=args.repeat, out=args.out)
+                          repeat=args.repeat, gl_nodes=args.gl_nodes, out=args.out)
     print(f"results: {path}")
     return 0
 
