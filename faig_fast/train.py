@@ -36,7 +36,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +47,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from faig_fast.atomic import atomic_write
 from faig_fast.data import _PIL_ERRORS, list_images
 from faig_fast.degradations import add_noise, blur, downsample, quantize
 from faig_fast.errors import CheckpointError, InvalidInputError
@@ -248,20 +248,8 @@ def _lr_at(cfg: TrainConfig, it: int) -> float:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_write(path) as tmp:
         torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _check_param_mask(model: nn.Module, param_mask: dict[str, Tensor]) -> dict[str, Tensor]:
