@@ -1,6 +1,6 @@
-"""``faig demo`` / ``make demo``: FAIG on the shipped tiny pair and photographs bundled with scikit-image.
+"""``faig demo`` / ``make demo``: FAIG on the shipped small pair and photographs bundled with scikit-image.
 
-Needs neither ``../shared`` nor a network: attributes the shipped MSRResNet-tiny pair on four
+Needs neither ``../shared`` nor a network: attributes the shipped MSRResNet-small pair on four
 scikit-image photographs (blurry and noisy versions), times the engine against the naive loop,
 masks the top-1% deblurring / denoising / random filters and writes a Markdown report.
 """
@@ -21,7 +21,7 @@ from faig_fast.models import load_model
 from faig_fast.reduction import available_backends
 from faig_fast.reference import reference_attribute
 
-PAIR_DIR = Path(__file__).resolve().parent / "assets" / "pairs" / "msrresnet_tiny"
+PAIR_DIR = Path(__file__).resolve().parent / "assets" / "pairs" / "msrresnet_small"
 
 
 def run_demo(out_dir: Path, *, steps: int = 100, max_side: int = 96, pair_dir: Path = PAIR_DIR) -> Path:
