@@ -75,4 +75,5 @@ def test_quadrature_and_precision_studies():
     assert doc["fewest_gl_nodes"] in (2, 8)
     assert "gausslegendre | 8" in quadrature_markdown(doc)
     p = precision_study(a.float(), b.float(), [(x.float(), y.float(), l) for x, y, l in data], steps=4)
-    assert 0 <= p["rows"][0]["min_jaccard"] <= 1
+    assert [r["precision"] for r in p["rows"]] == ["fp32", "bf16"]
+    assert 0.5 <= p["rows"][1]["min_jaccard"] <= 1
