@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from faig_fast.kernels._interpret import interpreted
+
 __all__ = ["filter_abs_sum", "filter_abs_sum_accumulate", "interpreting"]
 
 _INTERPRET_CONFIG = {"BLOCK_F": 64}
@@ -79,19 +81,8 @@ _GPU_CONFIGS = [
 _filter_abs_sum_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["F", "KK_PAD", "ACCUMULATE"],
                                         restore_value=["sums_ptr"])(_filter_abs_sum_kernel)
 
-_interpreted: dict[str, object] = {}
-
-
 def _interpreted_kernel():
-    """The kernel as an interpreted function, even when ``triton.jit`` ran before TRITON_INTERPRET was set."""
-    k = _interpreted.get("k")
-    if k is None:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        base = _filter_abs_sum_kernel
-        k = base if isinstance(base, InterpretedFunction) else InterpretedFunction(base.fn)
-        _interpreted["k"] = k
-    return k
+    return interpreted(_filter_abs_sum_kernel)
 
 
 def _split_scale(scale: float) -> tuple[float, float]:

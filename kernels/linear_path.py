@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from faig_fast.kernels._interpret import interpreted
+
 __all__ = ["linear_path_combine", "interpreting"]
 
 _INTERPRET_BLOCK = 1024
@@ -60,18 +62,8 @@ _linear_path_tuned = triton.autotune(
     key=["C", "HW", "HAS_BIAS", "ACTIVATION"],
 )(_linear_path_kernel)
 
-_interpreted: dict[str, object] = {}
-
-
 def _interpreted_kernel():
-    k = _interpreted.get("k")
-    if k is None:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        base = _linear_path_kernel
-        k = base if isinstance(base, InterpretedFunction) else InterpretedFunction(base.fn)
-        _interpreted["k"] = k
-    return k
+    return interpreted(_linear_path_kernel)
 
 
 def _sample_contiguous(x: torch.Tensor) -> torch.Tensor:

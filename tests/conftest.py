@@ -40,6 +40,18 @@ def make_pair(feat: int = 4, seed: int = 0, dtype=torch.float64, noise: float = 
     return a.eval(), b.eval()
 
 
+def registry_pair(arch: str = "msrresnet", noise: float = 0.05, seed: int = 0, weights_only: bool = False):
+    """A tiny registry model and a copy perturbed by ``noise``·N(0, 1) (conv weights only if asked)."""
+    from faig_fast.models import create_model
+
+    torch.manual_seed(seed)
+    a = create_model(arch, preset="tiny", upscale=2).eval()
+    b = create_model(arch, preset="tiny", upscale=2).eval()
+    b.load_state_dict({k: v + (0 if weights_only and not k.endswith("weight") else noise) * torch.randn_like(v)
+                       for k, v in a.state_dict().items()})
+    return a, b
+
+
 def make_images(n: int = 3, size: int = 6, seed: int = 1, dtype=torch.float64, scale: int = 2):
     g = torch.Generator().manual_seed(seed)
     gt = torch.rand(n, 3, size * scale, size * scale, generator=g, dtype=dtype)

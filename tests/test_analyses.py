@@ -15,29 +15,13 @@ from faig_fast.analyses import prediction as P
 from faig_fast.attribution import Attribution
 from faig_fast.degradations import make_degradation
 from faig_fast.filters import FilterIndex
-from faig_fast.models import create_model
+from conftest import registry_pair
 from faig_fast.report import HEADERS, write_report
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP oversubscription on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_pair(seed: int = 0, noise: float = 0.05):
     """Tiny MSRResNet baseline and a target whose conv *weights* (not biases) are perturbed."""
-    torch.manual_seed(seed)
-    a = create_model("msrresnet", preset="tiny", upscale=2).eval()
-    b = copy.deepcopy(a)
-    with torch.no_grad():
-        for n, p in b.named_parameters():
-            if n.endswith("weight"):
-                p.add_(noise * torch.randn_like(p))
-    return a, b
+    return registry_pair(noise=noise, seed=seed, weights_only=True)
 
 
 @pytest.fixture(scope="module")

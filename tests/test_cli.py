@@ -5,23 +5,19 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from conftest import make_loader, make_pair
+from conftest import make_loader, make_pair, registry_pair
 from faig_fast.attribution import Attribution, read_index_file
 from faig_fast.bench import run_benchmarks
 from faig_fast.cli import main
-from faig_fast.models import create_model, save_model
+from faig_fast.models import save_model
 from faig_fast.studies import precision_study, quadrature_markdown, quadrature_study
 
 
 @pytest.fixture
 def files(tmp_path):
-    torch.manual_seed(0)
-    a = create_model("srcnn_style", preset="tiny", upscale=2)
-    b = create_model("srcnn_style", preset="tiny", upscale=2)
-    b.load_state_dict({k: v + 0.05 * torch.randn_like(v) for k, v in a.state_dict().items()})
+    a, b = registry_pair("srcnn_style")
     save_model(a, tmp_path / "a.safetensors")
     save_model(b, tmp_path / "b.safetensors")
     (tmp_path / "imgs").mkdir()

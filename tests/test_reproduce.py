@@ -1,26 +1,16 @@
 """A micro end-to-end reproduction: every stage, the report, and resuming without recomputation."""
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from faig_fast.models import create_model, save_model
+from conftest import registry_pair
+from faig_fast.models import save_model
 from faig_fast.report import HEADERS
 from faig_fast.reproduce import PRESET_CONFIGS, reproduce
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP oversubscription on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 MICRO = {
     "crop": 32, "steps": 2, "ig_steps": 2, "prediction_steps": 2, "backend": "torch",
@@ -46,12 +36,7 @@ def micro_setup(tmp_path):
     _write_images(data / "Set14", 2, 40, 0)
     _write_images(data / "BSD68", 4, 40, 1)
     _write_images(data / "SunHays80", 2, 48, 2)
-    torch.manual_seed(0)
-    a = create_model("msrresnet", preset="tiny", upscale=2)
-    b = copy.deepcopy(a)
-    with torch.no_grad():
-        for n, p in b.named_parameters():
-            p.add_(0.03 * torch.randn_like(p))
+    a, b = registry_pair(noise=0.03)
     pair = tmp_path / "pair"
     save_model(a, pair / "baseline.safetensors", {"preset": "tiny"})
     save_model(b, pair / "target.safetensors", {"preset": "tiny"})

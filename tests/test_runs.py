@@ -16,7 +16,8 @@ from PIL import Image
 from faig_fast.attribution import Attribution
 from faig_fast.data import DegradedImageDataset
 from faig_fast.errors import InvalidInputError
-from faig_fast.models import create_model, save_model
+from conftest import registry_pair
+from faig_fast.models import save_model
 from faig_fast.runs import attribute_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,10 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def workdir(tmp_path):
-    torch.manual_seed(0)
-    a = create_model("msrresnet", preset="tiny", upscale=2)
-    b = create_model("msrresnet", preset="tiny", upscale=2)
-    b.load_state_dict({k: v + 0.05 * torch.randn_like(v) for k, v in a.state_dict().items()})
+    a, b = registry_pair("msrresnet")
     save_model(a, tmp_path / "a.safetensors")
     save_model(b, tmp_path / "b.safetensors")
     imgs = tmp_path / "imgs"
