@@ -174,15 +174,26 @@ class PathEngine:
 
     # strategies ---------------------------------------------------------------------------------
     def _loop(self, x: torch.Tensor, y: torch.Tensor, alphas: torch.Tensor, weights: torch.Tensor) -> dict:
+        """One pass per node; the network's own tensors are overwritten in place with θ + αΔ."""
+        params = dict(self.net.named_parameters())
+        buffers = {n: b for n, b in self.net.named_buffers() if self.buf_delta[n] is not None}
         total = {n: torch.zeros_like(self.theta[n]) for n in self.param_names}
-        for alpha, w in zip(alphas.tolist(), weights.tolist()):
-            params = {n: t.requires_grad_() for n, t in self.params_at(alpha).items()}
-            with self._autocast():
-                out = functional_call(self.net, (params, self.buffers_at(alpha)), (x,))
-            loss = self._loss(out, y).sum()
-            gs = torch.autograd.grad(loss, list(params.values()))
-            for n, g in zip(self.param_names, gs):
-                total[n].add_(g, alpha=w)
+        leaves = [params[n].requires_grad_() for n in self.param_names]
+        try:
+            for alpha, w in zip(alphas.tolist(), weights.tolist()):
+                with torch.no_grad():
+                    for n, p in zip(self.param_names, leaves):
+                        torch.add(self.theta[n], self.delta[n], alpha=alpha, out=p)
+                    for n, b in buffers.items():
+                        torch.add(self.buf_theta[n], self.buf_delta[n], alpha=alpha, out=b)
+                with self._autocast():
+                    out = self.net(x)
+                gs = torch.autograd.grad(self._loss(out, y).sum(), leaves)
+                for n, g in zip(self.param_names, gs):
+                    total[n].add_(g, alpha=w)
+        finally:
+            for p in leaves:
+                p.requires_grad_(False)
         return total
 
     def _vmap_chunk(self, lq: torch.Tensor, gt: torch.Tensor, alphas: torch.Tensor, weights: torch.Tensor) -> dict:
