@@ -35,12 +35,24 @@ def _add_attribute(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:
+    from faig_fast.runs import finish_distributed, init_distributed
+
+    rank, world = init_distributed()
+    done = False
+    try:
+        rc = _attribute(args, rank, world)
+        done = True
+        return rc
+    finally:
+        finish_distributed(wait=done)
+
+
+def _attribute(args: argparse.Namespace, rank: int, world: int) -> int:
     from faig_fast.attribution import write_index_file
     from faig_fast.data import DegradedImageDataset
     from faig_fast.models import load_model
-    from faig_fast.runs import attribute_dataset, init_distributed
+    from faig_fast.runs import attribute_dataset
 
-    rank, world = init_distributed()
     kw = {"arch": args.arch} if args.arch else {}
     model_a = load_model(args.baseline, **kw)
     model_b = load_model(args.target, **kw)

@@ -117,6 +117,15 @@ def _all_reduce(local: Attribution, att: Attributor, keep_per_image: bool) -> At
     return out
 
 
+def finish_distributed(wait: bool = True) -> None:
+    """Wait for every rank (unless this one failed), then leave the process group: a rank that
+    exits while another still talks to it aborts gloo."""
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def init_distributed() -> tuple[int, int]:
     """Join the torchrun process group (gloo on CPU, nccl on GPU); (rank, world) or (0, 1)."""
     if "RANK" not in os.environ or not dist.is_available():
