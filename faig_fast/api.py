@@ -14,7 +14,7 @@ from faig_fast.batches import Batch, iterate_batches, model_scale
 from faig_fast.engine import ImageResult, PathEngine
 from faig_fast.filters import model_hash
 from faig_fast.quadrature import nodes_and_weights
-from faig_fast.reduction import filter_abs_sum
+from faig_fast.reduction import filter_abs_sum, filter_abs_sum_accumulate
 
 
 @dataclass
@@ -52,15 +52,15 @@ class Attributor:
     def new_result(self, keep_per_image: bool = False) -> Attribution:
         return Attribution(self.engine.index, self.meta, keep_per_image)
 
-    def score_batch(self, batch: Batch) -> Iterator[ImageScore]:
-        """Per-image scores of one validated batch, in order."""
+    def score_batch(self, batch: Batch, sums: "LabelSums | None" = None) -> Iterator[ImageScore]:
+        """Per-image scores of one validated batch, in order; with ``sums``, also added to it on the device."""
         n = len(batch)
         chunk = max(1, self.internal_batch_size or n)
         for start in range(0, n, chunk):
             sl = slice(start, start + chunk)
             images = self.engine.integrate(batch.lq[sl], batch.gt[sl], self.method, self.steps,
                                            endpoints=self.with_delta)
-            scores = self.scorer(images)
+            scores = self.scorer(images, batch.labels[sl], sums)
             self.meta["strategy"] = self.engine.strategy
             for j, img in enumerate(images):
                 k = start + j
@@ -88,17 +88,50 @@ def attribute(model_a: nn.Module, model_b: nn.Module, loader: Iterable, *, steps
                      precision=precision, internal_batch_size=internal_batch_size, memory_budget=memory_budget,
                      backend=backend, return_convergence_delta=return_convergence_delta)
     result = att.new_result(keep_per_image)
+    sums = None if keep_per_image else LabelSums(len(att.engine.index), att.engine.device)
     with tqdm(desc="FAIG", unit="img", disable=not progress) as bar:
         for batch in iterate_batches(loader, att.scale):
-            for s in att.score_batch(batch):
-                result.add(s.label, s.scores, s.name, s.delta)
+            for s in att.score_batch(batch, sums):
+                if sums is None:
+                    result.add(s.label, s.scores, s.name, s.delta)
+                else:
+                    result.record(s.label, s.name, s.delta)
                 bar.update(1)
+    if sums is not None:
+        result.add_sums(sums.to_host())
     result.meta.update(att.meta)
     return result
 
 
+class LabelSums:
+    """Per-degradation sums of per-filter scores, kept on the device in float64 until the run ends."""
+
+    def __init__(self, num_filters: int, device: torch.device):
+        self.rows: dict[str, int] = {}
+        self.totals = torch.zeros(0, num_filters, dtype=torch.float64, device=device)
+
+    def label_index(self, labels: list[str]) -> torch.Tensor:
+        """Row of each label (new labels get a zero row), as int64 on the device."""
+        new = [l for l in dict.fromkeys(labels) if l not in self.rows]
+        if new:
+            for l in new:
+                self.rows[l] = len(self.rows)
+            pad = self.totals.new_zeros(len(new), self.totals.shape[1])
+            self.totals = torch.cat([self.totals, pad])
+        return torch.tensor([self.rows[l] for l in labels], dtype=torch.int64, device=self.totals.device)
+
+    def to_host(self) -> dict[str, torch.Tensor]:
+        host = self.totals.cpu()
+        return {l: host[i] for l, i in self.rows.items()}
+
+
 class FilterScorer:
-    """Per-filter Σ_kk |Δ ⊙ ḡ| for all conv layers, one reduction launch per kernel area."""
+    """Per-filter Σ_kk |Δ ⊙ ḡ| for all conv layers, one reduction launch per kernel area.
+
+    With ``sums`` the launch also adds each image's scores to its degradation's row (the fused
+    reduce-and-accumulate kernel, into a per-batch buffer in the gradients' dtype that is then added
+    to the float64 totals), so nothing leaves the device per image.
+    """
 
     def __init__(self, engine: PathEngine, backend: str = "auto"):
         self.engine = engine
@@ -109,14 +142,28 @@ class FilterScorer:
         self.deltas = {kk: torch.cat([engine.delta[l.name].reshape(-1) for l in ls])
                        for kk, ls in self.groups.items()}
 
-    def __call__(self, images: list[ImageResult]) -> torch.Tensor:
-        out = torch.empty(len(images), len(self.engine.index), dtype=torch.float64)
+    def __call__(self, images: list[ImageResult], labels: list[str] | None = None,
+                 sums: LabelSums | None = None) -> torch.Tensor:
+        """(B, F) float64 scores on the engine's device; with ``labels`` and ``sums``, also accumulated."""
+        device = self.engine.device
+        out = torch.empty(len(images), len(self.engine.index), dtype=torch.float64, device=device)
+        idx = sums.label_index(list(labels)) if sums is not None else None
         for kk, layers in self.groups.items():
             grads = torch.stack([torch.cat([img.grads[l.name].reshape(-1) for l in layers]) for img in images])
-            s = filter_abs_sum(self.deltas[kk], grads, kk, backend=self.backend).to("cpu", torch.float64)
+            delta = self.deltas[kk]
+            if idx is None:
+                s = filter_abs_sum(delta, grads, kk, backend=self.backend)
+                part = None
+            else:
+                part = grads.new_zeros(sums.totals.shape[0], delta.numel() // kk)
+                s = filter_abs_sum_accumulate(delta, grads, kk, idx, part, backend=self.backend)
             pos = 0
             for l in layers:
-                out[:, l.start:l.start + l.num_filters] = s[:, pos:pos + l.num_filters]
+                dst = slice(l.start, l.start + l.num_filters)
+                src = slice(pos, pos + l.num_filters)
+                out[:, dst] = s[:, src]
+                if part is not None:
+                    sums.totals[:, dst] += part[:, src]
                 pos += l.num_filters
         return out
 

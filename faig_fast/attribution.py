@@ -42,17 +42,30 @@ class Attribution:
         scores = scores.detach().to("cpu", torch.float64).reshape(-1)
         if scores.numel() != len(self.index):
             raise FAIGError(f"scores for '{name}' have {scores.numel()} filters, expected {len(self.index)}")
-        if label in self.sums:
-            self.sums[label] += scores
-        else:
-            self.sums[label] = scores.clone()
+        self.add_sums({label: scores})
+        self.record(label, name, delta)
+        if self.keep_per_image:
+            self.image_scores.append(scores.clone())
+
+    def record(self, label: str, name: str = "", delta: float | None = None) -> None:
+        """Count one image whose scores reach ``sums`` separately (see :meth:`add_sums`)."""
+        self.sums.setdefault(label, torch.zeros(len(self.index), dtype=torch.float64))
         self.counts[label] = self.counts.get(label, 0) + 1
         self.image_names.append(name)
         self.image_labels.append(label)
         if delta is not None:
             self.convergence_delta.append(float(delta))
-        if self.keep_per_image:
-            self.image_scores.append(scores.clone())
+
+    def add_sums(self, sums: dict[str, torch.Tensor]) -> None:
+        """Add per-degradation score sums accumulated elsewhere (e.g. on the device)."""
+        for label, s in sums.items():
+            s = s.detach().to("cpu", torch.float64).reshape(-1)
+            if s.numel() != len(self.index):
+                raise FAIGError(f"sums for '{label}' have {s.numel()} filters, expected {len(self.index)}")
+            if label in self.sums:
+                self.sums[label] += s
+            else:
+                self.sums[label] = s.clone()
 
     def merge(self, other: "Attribution") -> "Attribution":
         """Combine two partial results over disjoint images (e.g. shards)."""

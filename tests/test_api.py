@@ -32,6 +32,32 @@ def test_attribute_equals_reference(strategy, method):
         torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_device_accumulation_equals_per_image_sums(dtype, backend, monkeypatch):
+    """Without keep_per_image the fused reduce-and-accumulate kernel sums each degradation on the device."""
+    from faig_fast import api, reduction
+
+    if backend not in reduction.available_backends():
+        pytest.skip(f"backend {backend} unavailable here")
+    calls = []
+    fused = api.filter_abs_sum_accumulate
+    monkeypatch.setattr(api, "filter_abs_sum_accumulate", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    a, b = make_pair(dtype=dtype)
+    lq, gt = make_images(4, dtype=dtype)
+    batched = [(lq[:3], gt[:3], ["noise", "blur", "noise"]), (lq[3], gt[3], "clean")]
+    kw = dict(steps=3, strategy="vmap", backend=backend, precision="fp64" if dtype == torch.float64 else "fp32")
+    host = attribute(a, b, batched, keep_per_image=True, **kw)
+    assert not calls
+    dev = attribute(a, b, batched, **kw)
+    assert calls and dev.counts == host.counts == {"noise": 2, "blur": 1, "clean": 1}
+    assert dev.image_labels == host.image_labels
+    tol = dict(rtol=1e-12, atol=0) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-9)
+    for label in host.labels:
+        torch.testing.assert_close(dev.sums[label], host.sums[label], **tol)
+        assert dev.sums[label].dtype == torch.float64 and dev.sums[label].device.type == "cpu"
+
+
 def test_vmap_batches_images_of_equal_size():
     a, b = make_pair()
     lq, gt = make_images(3)
