@@ -46,48 +46,31 @@ from faig_fast.report import PAPER_PREDICTION, write_report
 DEGS = ("blur", "noise")
 METHODS = B.METHODS
 
+_COMMON: dict[str, Any] = {
+    "arch": "msrresnet", "scale": 2, "pair_seed": 0, "set14_images": None, "backend": "auto",
+    "fraction": 0.01, "table_fractions": [0.01, 0.03, 0.05, 0.10],
+    "curve_fractions": [0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0],
+    "prediction_labels": ["clean", "blur", "noise"], "retrain_batch": 16, "retrain_patch": 64,
+    "retrain_lr": 5e-5, "retrain_images": None, "retrain_seeds": None,
+    "lams": [0.0, 0.25, 0.5, 0.75, 1.0], "example": "comic",
+}
+
 #: Per-preset analysis settings (the training recipe itself is ``faig_fast.train.PRESETS[preset]``).
 PRESET_CONFIGS: dict[str, dict[str, Any]] = {
     # The pair is the shipped `small`-recipe pair (the tiny-recipe pair learns too little deblurring to
     # show the paper's findings); analysis sizes are cut to fit ≈ 11 minutes.
-    "tiny": {
-        "arch": "msrresnet", "train_preset": "small", "scale": 2, "pair_seed": 0,
-        "set14_images": None, "crop": 128, "steps": 32, "method": "gausslegendre",
-        "ig_steps": 32, "ig_method": "gausslegendre", "backend": "auto",
-        "fraction": 0.01, "table_fractions": [0.01, 0.03, 0.05, 0.10],
-        "curve_fractions": [0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0],
-        "bsd_calib": 12, "bsd_test": 12, "bsd_crop": 96, "prediction_steps": 16,
-        "prediction_labels": ["clean", "blur", "noise"],
-        "retrain_iters": 250, "retrain_batch": 8, "retrain_patch": 48, "retrain_lr": 2e-4,
-        "retrain_images": 16, "retrain_seeds": None,
-        "lams": [0.0, 0.25, 0.5, 0.75, 1.0], "example": "comic",
-    },
+    "tiny": {**_COMMON, "train_preset": "small", "crop": 128, "steps": 32, "method": "gausslegendre",
+             "ig_steps": 32, "ig_method": "gausslegendre", "bsd_calib": 12, "bsd_test": 12, "bsd_crop": 96,
+             "prediction_steps": 16, "retrain_iters": 250, "retrain_batch": 8, "retrain_patch": 48,
+             "retrain_lr": 2e-4, "retrain_images": 16},
     # ≈ an hour or two on a CPU.
-    "small": {
-        "arch": "msrresnet", "train_preset": "small", "scale": 2, "pair_seed": 0,
-        "set14_images": None, "crop": 256, "steps": 50, "method": "gausslegendre",
-        "ig_steps": 50, "ig_method": "gausslegendre", "backend": "auto",
-        "fraction": 0.01, "table_fractions": [0.01, 0.03, 0.05, 0.10],
-        "curve_fractions": [0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0],
-        "bsd_calib": 17, "bsd_test": 17, "bsd_crop": 192, "prediction_steps": 32,
-        "prediction_labels": ["clean", "blur", "noise"],
-        "retrain_iters": 1000, "retrain_batch": 16, "retrain_patch": 64, "retrain_lr": 5e-5,
-        "retrain_images": None, "retrain_seeds": None,
-        "lams": [0.0, 0.25, 0.5, 0.75, 1.0], "example": "comic",
-    },
+    "small": {**_COMMON, "train_preset": "small", "crop": 256, "steps": 50, "method": "gausslegendre",
+              "ig_steps": 50, "ig_method": "gausslegendre", "bsd_calib": 17, "bsd_test": 17, "bsd_crop": 192,
+              "prediction_steps": 32, "retrain_iters": 1000},
     # The paper's sizes: full images, N=100 left Riemann sums, full BSD68 halves (GPU-sized).
-    "paper": {
-        "arch": "msrresnet", "train_preset": "paper", "scale": 2, "pair_seed": 0,
-        "set14_images": None, "crop": None, "steps": 100, "method": "riemann_left",
-        "ig_steps": 100, "ig_method": "riemann_left", "backend": "auto",
-        "fraction": 0.01, "table_fractions": [0.01, 0.03, 0.05, 0.10],
-        "curve_fractions": [0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0],
-        "bsd_calib": 34, "bsd_test": 34, "bsd_crop": None, "prediction_steps": 100,
-        "prediction_labels": ["clean", "blur", "noise"],
-        "retrain_iters": 100_000, "retrain_batch": 16, "retrain_patch": 64, "retrain_lr": 5e-5,
-        "retrain_images": None, "retrain_seeds": None,
-        "lams": [0.0, 0.25, 0.5, 0.75, 1.0], "example": "comic",
-    },
+    "paper": {**_COMMON, "train_preset": "paper", "crop": None, "steps": 100, "method": "riemann_left",
+              "ig_steps": 100, "ig_method": "riemann_left", "bsd_calib": 34, "bsd_test": 34, "bsd_crop": None,
+              "prediction_steps": 100, "retrain_iters": 100_000},
 }
 
 

@@ -83,6 +83,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "baseline_lr": 2e-4, "finetune_lr": 2e-4, "log_every": 50, "ckpt_every": 500,
         "model_kwargs": {"msrresnet": {"num_feat": 32, "num_block": 4},
                          "srcnn_style": {"num_feat": 32, "num_mid": 64}},
+        # The plain net again needs a higher baseline lr and longer fine-tuning (see "tiny").
+        "arch_overrides": {"srcnn_style": {"baseline_iters": 4000, "baseline_lr": 1e-3,
+                                           "finetune_iters": 3000}},
     },
     # The paper's recipe (16 blocks × 64 feats MSRResNet / full-width SRCNN-style, 100K iters each).
     "paper": {
