@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from faig_fast.attribution import jaccard
+from faig_fast.quadrature import FAST_GL_NODES
 
 CASES = ("naive", "loop", "vmap", "linear", "loop-gl", "reduce-torch", "reduce-cpp", "reduce-triton",
          "reduce-cuda")
@@ -146,7 +147,7 @@ def _sync(device: torch.device) -> None:
 
 def run_benchmarks(*, arch: str = "msrresnet", preset: str = "paper", size: int = 32, images: int = 2,
                    steps: int = 100, method: str = "riemann_left", cases: list[str] | None = None,
-                   device: str | None = None, repeat: int = 1, gl_nodes: int = 16, out: str | None = None) -> Path:
+                   device: str | None = None, repeat: int = 1, gl_nodes: int = FAST_GL_NODES, out: str | None = None) -> Path:
     """Run every case in a fresh process, one at a time; write and return the JSON path."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if cases is None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from faig_fast.errors import FAIGError
+from faig_fast.quadrature import FAST_GL_NODES
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -143,7 +144,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cases", nargs="+", default=None, help="subset of cases to run")
     p.add_argument("--device", default=None)
     p.add_argument("--repeat", type=int, default=1)
-    p.add_argument("--gl-nodes", type=int, default=12, help="Gauss–Legendre nodes of the loop-gl case")
+    p.add_argument("--gl-nodes", type=int, default=FAST_GL_NODES, help="Gauss–Legendre nodes of the loop-gl case")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>-<time>.json)")
 
 

@@ -18,10 +18,10 @@ from faig_fast.attribution import jaccard
 from faig_fast.data import DegradedImageDataset, demo_images
 from faig_fast.errors import FAIGError
 from faig_fast.models import load_model
+from faig_fast.quadrature import FAST_GL_NODES as GL_NODES
 from faig_fast.reduction import available_backends
 from faig_fast.reference import reference_attribute
 
-GL_NODES = 8  # the fewest Gauss–Legendre nodes matching Riemann N=100 (README, "Quadrature")
 PAIR_DIR = Path(__file__).resolve().parent / "assets" / "pairs" / "msrresnet_small"
 
 

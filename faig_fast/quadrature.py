@@ -9,6 +9,10 @@ import torch
 
 from faig_fast.errors import InvalidInputError
 
+#: The fewest Gauss–Legendre nodes whose top-1% sets agree with a converged integral at least as
+#: well as the paper's Riemann N=100 (measured by ``faig study quadrature``; README, "Quadrature").
+FAST_GL_NODES = 8
+
 METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 
 

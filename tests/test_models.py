@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
 
+import faig_fast
 from faig_fast.errors import CheckpointError, InvalidInputError
 from faig_fast.models import (
     MSRResNet, SRCNNStyle, create_model, list_models, load_model, load_state_dict_file,
@@ -408,3 +410,20 @@ def test_atomic_save_keeps_previous_file(tmp_path, monkeypatch):
     m2 = load_model(path)
     with torch.no_grad():
         assert torch.equal(m2(_x()), old(_x()))
+
+
+SHIPPED = sorted((Path(faig_fast.__file__).parent / "assets" / "pairs").iterdir())
+
+
+@pytest.mark.parametrize("pair_dir", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_pairs_load_as_matching_finite_pairs(pair_dir):
+    from faig_fast.filters import check_pair
+
+    base = load_model(pair_dir / "baseline.safetensors")
+    target = load_model(pair_dir / "target.safetensors")
+    check_pair(base, target)
+    assert type(base).__name__ == type(target).__name__ and base.upscale == target.upscale == 2
+    assert all(torch.isfinite(p).all() for p in [*base.parameters(), *target.parameters()])
+    assert any(not torch.equal(p, q) for p, q in zip(base.parameters(), target.parameters()))
+    for doc in ("README.md", "psnr.md", "log_baseline.jsonl", "log_target.jsonl"):
+        assert (pair_dir / doc).is_file(), f"{pair_dir.name} lacks {doc}"
