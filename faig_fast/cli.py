@@ -113,6 +113,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reproduce", help="the paper end to end: train → attribute → analyses → report")
     p.add_argument("--preset", default="tiny", choices=["tiny", "small", "paper"])
+    p.add_argument("--arch", default="msrresnet", choices=["msrresnet", "srcnn_style"],
+                   help="architecture of the pair (its shipped <arch>_<recipe> pair, or one trained here)")
     p.add_argument("--data-root", default=str(DEFAULT_DATA))
     p.add_argument("--out", default=None)
     p.add_argument("--no-resume", action="store_true")
@@ -128,7 +130,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     kw = {"out_dir": Path(args.out)} if args.out else {}
     pair = None if args.pair_dir == "train" else args.pair_dir
     report = reproduce(args.preset, data_root=Path(args.data_root), resume=not args.no_resume, pair_dir=pair,
-                       seeds=tuple(args.seeds), threads=args.threads, **kw)
+                       seeds=tuple(args.seeds), threads=args.threads, config={"arch": args.arch}, **kw)
     print(f"report: {report}")
     return 0
 

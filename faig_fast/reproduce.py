@@ -233,7 +233,9 @@ def _reproduce(preset: str, data_root: Path | str | None, out_dir: Path | str | 
     cfg["retrain_seeds"] = list(cfg["retrain_seeds"] or cfg["seeds"])
     cfg["preset"] = preset
     data_root = Path(data_root) if data_root is not None else default_data_root()
-    out_dir = Path(out_dir) if out_dir is not None else Path("runs") / f"reproduce-{preset}"
+    if out_dir is None:
+        out_dir = Path("runs") / (f"reproduce-{preset}" if cfg["arch"] == "msrresnet" else f"reproduce-{preset}-{cfg['arch']}")
+    out_dir = Path(out_dir)
     for sub in ("Set14", "BSD68", "SunHays80"):
         if not (data_root / sub).is_dir():
             raise InvalidInputError(f"data_root {data_root} has no {sub}/ folder")
@@ -277,6 +279,7 @@ def _reproduce(preset: str, data_root: Path | str | None, out_dir: Path | str | 
     st.run("pair", [out_dir / "pair.json"], stage_pair)
     pair = read_json(out_dir / "pair.json")
     baseline, target = load_model(pair["baseline"]).eval(), load_model(pair["target"]).eval()
+    arch = getattr(target, "arch_name", type(target).__name__)  # a given folder may hold another architecture
 
     set14_paths = list_images(data_root / "Set14")
     if cfg["set14_images"]:
@@ -426,7 +429,7 @@ def _reproduce(preset: str, data_root: Path | str | None, out_dir: Path | str | 
     def stage_figures() -> None:
         mk = read_json(out_dir / "masking.json")
         FIG.plot_masking_curves(mk["curves"], mk["curve_fractions"], fig_files["Fig. 3 analogue — masking curves"],
-                                title=f"masking FAIG vs random filters ({cfg['arch']}, {preset})")
+                                title=f"masking FAIG vs random filters ({arch}, {preset})")
         FIG.plot_layer_distribution(faig.index, tops, fig_dir / "layer_distribution.png")
         names = [n for n, _ in gts]
         j = names.index(cfg["example"]) if cfg["example"] in names else 0
@@ -456,7 +459,7 @@ def _reproduce(preset: str, data_root: Path | str | None, out_dir: Path | str | 
     if st.ran or not report_path.exists() or not resume:
         t0 = time.perf_counter()
         results = assemble_results(out_dir, cfg, faig, tops, fig_files, len(gts),
-                                   (len(calib_paths), len(test_paths)), pair)
+                                   (len(calib_paths), len(test_paths)), {**pair, "arch": arch})
         results["timings"] = dict(st.timings)
         results["timings"]["report"] = time.perf_counter() - t0
         write_report(report_path, results)
@@ -557,7 +560,7 @@ def assemble_results(out_dir: Path, cfg: dict, faig: Attribution, tops: dict[str
     res["findings"] = _findings(res)
     res["figures"] = {t: os.path.relpath(p, out_dir) for t, p in fig_files.items() if p.exists()}
     res["reductions"] = reductions_for(cfg, n_set14, n_bsd)
-    res["summary"] = (f"Model pair: {pair['source']} (`{cfg['arch']}`, {len(faig.index)} filters; "
+    res["summary"] = (f"Model pair: {pair['source']} (`{pair.get('arch', cfg['arch'])}`, {len(faig.index)} filters; "
                       f"1% = {top_count(len(faig.index), cfg['fraction'])} filters). Paper numbers: 16×64 "
                       "SRResNet, full Set14, DIV2K training. Numbers are not expected to match at reduced "
                       "sizes; the qualitative checks below say which findings carry over.")

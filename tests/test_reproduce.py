@@ -87,3 +87,24 @@ def test_unknown_preset_and_config_key(tmp_path):
     with pytest.raises(Exception, match="unknown config key"):
         reproduce("tiny", data_root=tmp_path, out_dir=tmp_path / "o", config={"nope": 1})
     assert set(PRESET_CONFIGS) == {"tiny", "small", "paper"}
+
+
+def test_micro_reproduce_srcnn_style_pair_via_cli(tmp_path, monkeypatch):
+    """`faig reproduce --arch srcnn_style --pair-dir ...` runs every stage on the other architecture."""
+    from faig_fast import cli, reproduce as R
+
+    data = tmp_path / "data"
+    _write_images(data / "Set14", 2, 40, 0)
+    _write_images(data / "BSD68", 4, 40, 1)
+    _write_images(data / "SunHays80", 2, 48, 2)
+    a, b = registry_pair("srcnn_style", noise=0.03)
+    pair = tmp_path / "pair"
+    save_model(a, pair / "baseline.safetensors", {"preset": "tiny"})
+    save_model(b, pair / "target.safetensors", {"preset": "tiny"})
+    monkeypatch.setitem(R.PRESET_CONFIGS, "tiny", {**PRESET_CONFIGS["tiny"], **MICRO})
+    out = tmp_path / "out"
+    assert cli.main(["reproduce", "--preset", "tiny", "--arch", "srcnn_style", "--data-root", str(data),
+                     "--pair-dir", str(pair), "--out", str(out), "--seeds", "0"]) == 0
+    text = (out / "report.md").read_text()
+    assert "`srcnn_style`" in text and "_Not run._" not in text
+    assert json.loads((out / "config.json").read_text())["analysis"]["arch"] == "srcnn_style"
