@@ -36,10 +36,8 @@ def test_attribute_equals_reference(strategy, method):
 @pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
 def test_device_accumulation_equals_per_image_sums(dtype, backend, monkeypatch):
     """Without keep_per_image the fused reduce-and-accumulate kernel sums each degradation on the device."""
-    from faig_fast import api, reduction
+    from faig_fast import api
 
-    if backend not in reduction.available_backends():
-        pytest.skip(f"backend {backend} unavailable here")
     calls = []
     fused = api.filter_abs_sum_accumulate
     monkeypatch.setattr(api, "filter_abs_sum_accumulate", lambda *a, **k: calls.append(1) or fused(*a, **k))

@@ -30,17 +30,22 @@ def _write_images(folder, n, size, seed):
         Image.fromarray((img * 255).astype(np.uint8)).save(folder / f"im{i:02d}.png")
 
 
-@pytest.fixture
-def micro_setup(tmp_path):
+def _micro_files(tmp_path, arch: str = "msrresnet"):
+    """Tiny Set14/BSD68/SunHays80 folders and a saved ``arch`` pair: (data root, pair dir, out dir)."""
     data = tmp_path / "data"
     _write_images(data / "Set14", 2, 40, 0)
     _write_images(data / "BSD68", 4, 40, 1)
     _write_images(data / "SunHays80", 2, 48, 2)
-    a, b = registry_pair(noise=0.03)
+    a, b = registry_pair(arch, noise=0.03)
     pair = tmp_path / "pair"
     save_model(a, pair / "baseline.safetensors", {"preset": "tiny"})
     save_model(b, pair / "target.safetensors", {"preset": "tiny"})
     return data, pair, tmp_path / "out"
+
+
+@pytest.fixture
+def micro_setup(tmp_path):
+    return _micro_files(tmp_path)
 
 
 def test_micro_reproduce_and_resume(micro_setup):
@@ -93,16 +98,8 @@ def test_micro_reproduce_srcnn_style_pair_via_cli(tmp_path, monkeypatch):
     """`faig reproduce --arch srcnn_style --pair-dir ...` runs every stage on the other architecture."""
     from faig_fast import cli, reproduce as R
 
-    data = tmp_path / "data"
-    _write_images(data / "Set14", 2, 40, 0)
-    _write_images(data / "BSD68", 4, 40, 1)
-    _write_images(data / "SunHays80", 2, 48, 2)
-    a, b = registry_pair("srcnn_style", noise=0.03)
-    pair = tmp_path / "pair"
-    save_model(a, pair / "baseline.safetensors", {"preset": "tiny"})
-    save_model(b, pair / "target.safetensors", {"preset": "tiny"})
+    data, pair, out = _micro_files(tmp_path, "srcnn_style")
     monkeypatch.setitem(R.PRESET_CONFIGS, "tiny", {**PRESET_CONFIGS["tiny"], **MICRO})
-    out = tmp_path / "out"
     assert cli.main(["reproduce", "--preset", "tiny", "--arch", "srcnn_style", "--data-root", str(data),
                      "--pair-dir", str(pair), "--out", str(out), "--seeds", "0"]) == 0
     text = (out / "report.md").read_text()
