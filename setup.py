@@ -12,7 +12,8 @@ setup(
     version="0.1.0",
     description="Fast FAIG: filter attribution based on integral gradients for blind SR",
     python_requires=">=3.9",
-    packages=["faig_fast", "faig_fast.models", "faig_fast.analyses", "faig_fast.kernels", "faig_fast.csrc"],
+    packages=["faig_fast", "faig_fast.core", "faig_fast.ops", "faig_fast.models", "faig_fast.data",
+              "faig_fast.analyses", "faig_fast.apps", "faig_fast.utils", "faig_fast.kernels", "faig_fast.csrc"],
     package_dir={"faig_fast": "faig_fast", "faig_fast.kernels": "kernels", "faig_fast.csrc": "csrc"},
     package_data={"faig_fast": ["assets/*", "assets/*/*", "assets/*/*/*"], "faig_fast.csrc": ["*.cpp", "*.cu"]},
     include_package_data=True,
@@ -36,5 +37,5 @@ setup(
             "opencv-python-headless>=4.8",
         ],
     },
-    entry_points={"console_scripts": ["faig=faig_fast.cli:main"]},
+    entry_points={"console_scripts": ["faig=faig_fast.apps.cli:main"]},
 )

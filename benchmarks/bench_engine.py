@@ -13,9 +13,9 @@ import os
 import pytest
 import torch
 
-from faig_fast.api import attribute
-from faig_fast.bench import _images, _pair
-from faig_fast.reference import reference_attribute
+from faig_fast.core.api import attribute
+from faig_fast.apps.bench import _images, _pair
+from faig_fast.core.reference import reference_attribute
 
 STEPS = int(os.environ.get("FAIG_BENCH_STEPS", "20"))
 GL_NODES = int(os.environ.get("FAIG_BENCH_GL_NODES", "12"))

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from faig_fast import reduction as red
-from faig_fast.linear_path_ops import linear_path_combine
+from faig_fast.ops import reduction as red
+from faig_fast.ops.linear_path import linear_path_combine
 
 N_FILTERS, KK, BATCH, N_LABELS = 151_936, 9, 4, 3
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

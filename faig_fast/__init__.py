@@ -6,8 +6,8 @@
 __version__ = "0.1.0"
 
 from faig_fast.errors import CheckpointError, FAIGError, InvalidInputError, ModelMismatchError
-from faig_fast.attribution import Attribution, jaccard, read_index_file, write_index_file
-from faig_fast.api import attribute
+from faig_fast.core.attribution import Attribution, jaccard, read_index_file, write_index_file
+from faig_fast.core.api import attribute
 
 __all__ = [
     "attribute", "Attribution", "jaccard", "read_index_file", "write_index_file",

@@ -1,5 +1,5 @@
 import sys
 
-from faig_fast.cli import main
+from faig_fast.apps.cli import main
 
 sys.exit(main())

@@ -5,7 +5,7 @@
 ``delta`` is read once and every ``grads`` element exactly once.  The kk elements of a filter sit in a
 ``KK_PAD = next_pow2(kk)`` wide tile with a mask.  Under ``TRITON_INTERPRET=1`` (CPU tensors) the
 kernels run through Triton's interpreter with one fixed configuration; on GPU a small autotune picks
-``BLOCK_F`` and ``num_warps``.  Input validation lives in :mod:`faig_fast.reduction`.
+``BLOCK_F`` and ``num_warps``.  Input validation lives in :mod:`faig_fast.ops.reduction`.
 """
 from __future__ import annotations
 

@@ -12,11 +12,11 @@ from faig_fast.analyses import figures as FIG
 from faig_fast.analyses import masking as M
 from faig_fast.analyses import modulation as MOD
 from faig_fast.analyses import prediction as P
-from faig_fast.attribution import Attribution
-from faig_fast.degradations import make_degradation
-from faig_fast.filters import FilterIndex
+from faig_fast.core.attribution import Attribution
+from faig_fast.data.degradations import make_degradation
+from faig_fast.core.filters import FilterIndex
 from conftest import registry_pair
-from faig_fast.report import HEADERS, write_report
+from faig_fast.apps.report import HEADERS, write_report
 
 
 def tiny_pair(seed: int = 0, noise: float = 0.05):

@@ -10,10 +10,10 @@ from torch import nn
 import faig_fast
 from conftest import make_images, make_loader, make_pair
 from faig_fast import attribute
-from faig_fast.attribution import Attribution, jaccard, read_index_file, top_count, write_index_file
+from faig_fast.core.attribution import Attribution, jaccard, read_index_file, top_count, write_index_file
 from faig_fast.errors import FAIGError, InvalidInputError, ModelMismatchError
-from faig_fast.filters import FilterIndex
-from faig_fast.reference import reference_attribute
+from faig_fast.core.filters import FilterIndex
+from faig_fast.core.reference import reference_attribute
 
 
 @pytest.mark.parametrize("strategy", ["loop", "vmap", "linear", "tune"])
@@ -36,7 +36,7 @@ def test_attribute_equals_reference(strategy, method):
 @pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
 def test_device_accumulation_equals_per_image_sums(dtype, backend, monkeypatch):
     """Without keep_per_image the fused reduce-and-accumulate kernel sums each degradation on the device."""
-    from faig_fast import api
+    from faig_fast.core import api
 
     calls = []
     fused = api.filter_abs_sum_accumulate
@@ -225,7 +225,7 @@ def test_tune_keeps_the_fastest_measured_strategy():
 def test_fused_triton_epilogue_matches_torch(monkeypatch):
     """The linear-path conv with the Triton epilogue (interpreted on CPU) equals the PyTorch combine."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    from faig_fast.engine import linear_path_conv
+    from faig_fast.core.engine import linear_path_conv
 
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, 3, padding=1)

@@ -8,11 +8,11 @@ import pytest
 from PIL import Image
 
 from conftest import make_loader, make_pair, registry_pair
-from faig_fast.attribution import Attribution, read_index_file
-from faig_fast.bench import run_benchmarks
-from faig_fast.cli import main
+from faig_fast.core.attribution import Attribution, read_index_file
+from faig_fast.apps.bench import run_benchmarks
+from faig_fast.apps.cli import main
 from faig_fast.models import save_model
-from faig_fast.studies import precision_study, quadrature_markdown, quadrature_study
+from faig_fast.apps.studies import precision_study, quadrature_markdown, quadrature_study
 
 
 @pytest.fixture

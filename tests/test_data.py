@@ -18,7 +18,7 @@ from faig_fast.data import (
     modcrop,
     read_image,
 )
-from faig_fast.degradations import make_degradation
+from faig_fast.data.degradations import make_degradation
 from faig_fast.errors import InvalidInputError
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from faig_fast.degradations import (
+from faig_fast.data.degradations import (
     DEGRADATIONS,
     Degradation,
     add_noise,

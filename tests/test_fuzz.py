@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from conftest import TinySR, make_pair
 from faig_fast import FAIGError, attribute
-from faig_fast.cli import main
+from faig_fast.apps.cli import main
 
 FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 PAIR = make_pair(dtype=torch.float32)

@@ -13,10 +13,10 @@ import warnings
 import pytest
 import torch
 
-from faig_fast import _ext
-from faig_fast import reduction as red
+from faig_fast.ops import extension as _ext
+from faig_fast.ops import reduction as red
 from faig_fast.errors import FAIGError, InvalidInputError
-from faig_fast.linear_path_ops import linear_path_combine, linear_path_combine_torch
+from faig_fast.ops.linear_path import linear_path_combine, linear_path_combine_torch
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_TOOLCHAIN = shutil.which("c++") is not None and shutil.which("ninja") is not None

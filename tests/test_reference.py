@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 
 from conftest import make_images, make_loader, make_pair
-from faig_fast.filters import FilterIndex
-from faig_fast.quadrature import nodes_and_weights
-from faig_fast.reference import filter_scores, reference_attribute, reference_image_faig, sse
+from faig_fast.core.filters import FilterIndex
+from faig_fast.core.quadrature import nodes_and_weights
+from faig_fast.core.reference import filter_scores, reference_attribute, reference_image_faig, sse
 
 
 def finite_difference_faig(model_a, model_b, lq, gt, steps):

@@ -6,8 +6,8 @@ import torch
 
 from conftest import make_images, make_loader, make_pair
 from faig_fast import attribute
-from faig_fast.attribution import Attribution
-from faig_fast.engine import PathEngine
+from faig_fast.core.attribution import Attribution
+from faig_fast.core.engine import PathEngine
 from faig_fast.errors import InvalidInputError
 
 
@@ -63,7 +63,7 @@ def test_failed_save_keeps_previous_result(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr("faig_fast.attribution.save_file", broken)
+    monkeypatch.setattr("safetensors.torch.save_file", broken)
     with pytest.raises(OSError):
         res.save(path)
     assert path.read_bytes() == before

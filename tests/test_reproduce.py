@@ -9,8 +9,8 @@ from PIL import Image
 
 from conftest import registry_pair
 from faig_fast.models import save_model
-from faig_fast.report import HEADERS
-from faig_fast.reproduce import PRESET_CONFIGS, reproduce
+from faig_fast.apps.report import HEADERS
+from faig_fast.apps.reproduce import PRESET_CONFIGS, reproduce
 
 MICRO = {
     "crop": 32, "steps": 2, "ig_steps": 2, "prediction_steps": 2, "backend": "torch",
@@ -96,7 +96,7 @@ def test_unknown_preset_and_config_key(tmp_path):
 
 def test_micro_reproduce_srcnn_style_pair_via_cli(tmp_path, monkeypatch):
     """`faig reproduce --arch srcnn_style --pair-dir ...` runs every stage on the other architecture."""
-    from faig_fast import cli, reproduce as R
+    from faig_fast.apps import cli, reproduce as R
 
     data, pair, out = _micro_files(tmp_path, "srcnn_style")
     monkeypatch.setitem(R.PRESET_CONFIGS, "tiny", {**PRESET_CONFIGS["tiny"], **MICRO})

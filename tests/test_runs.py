@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from faig_fast.attribution import Attribution
+from faig_fast.core.attribution import Attribution
 from faig_fast.data import DegradedImageDataset
 from faig_fast.errors import InvalidInputError
 from conftest import registry_pair
 from faig_fast.models import save_model
-from faig_fast.runs import attribute_dataset
+from faig_fast.apps.runs import attribute_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 
 from faig_fast.analyses.retrain import filter_mask, retrain_filters
 from faig_fast.errors import InvalidInputError
-from faig_fast.evaluate import MAX_PSNR, evaluate, psnr, psnr_table
-from faig_fast.filters import FilterIndex
+from faig_fast.analyses.evaluate import MAX_PSNR, evaluate, psnr, psnr_table
+from faig_fast.core.filters import FilterIndex
 from faig_fast.models import create_model, load_model, read_metadata, save_model
-from faig_fast.train import PRESETS, TrainConfig, build_model, load_training_images, sample_batch, train, train_pair
+from faig_fast.apps.train import PRESETS, TrainConfig, build_model, load_training_images, sample_batch, train, train_pair
 
 TINY = {"num_feat": 8, "num_block": 1}
 

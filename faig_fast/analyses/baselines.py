@@ -1,7 +1,7 @@
 """Filter rankings to compare FAIG with (paper Sec. 5.2, Tables 2 and 3).
 
 Every function returns scores or rankings over the same flat filter index as
-:class:`faig_fast.attribution.Attribution` (conv weights in ``state_dict`` order, row-major over
+:class:`faig_fast.core.attribution.Attribution` (conv weights in ``state_dict`` order, row-major over
 (out, in)), so a ranking from any method can be masked, re-trained or modulated the same way.
 
 * ``ig``: the authors' "modified IG" (IntInf-style, their ``analysis/tools/*/ig.py``). The *input*
@@ -26,12 +26,12 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from faig_fast.attribution import Attribution
-from faig_fast.batches import iterate_batches, model_scale
-from faig_fast.degradations import make_degradation
+from faig_fast.core.attribution import Attribution
+from faig_fast.core.batches import iterate_batches, model_scale
+from faig_fast.data.degradations import make_degradation
 from faig_fast.errors import InvalidInputError
-from faig_fast.filters import FilterIndex, check_pair, conv_weight_names
-from faig_fast.quadrature import nodes_and_weights
+from faig_fast.core.filters import FilterIndex, check_pair, conv_weight_names
+from faig_fast.core.quadrature import nodes_and_weights
 
 METHODS = ("faig", "ig", "weight_change", "random")
 

@@ -18,8 +18,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from faig_fast.atomic import atomic_write
-from faig_fast.filters import FilterIndex
+from faig_fast.utils.io import atomic_write
+from faig_fast.core.filters import FilterIndex
 
 LABEL_NAMES = {"blur": "deblurring", "noise": "denoising"}
 INPUT_NAMES = {"blur": "blurry input", "noise": "noisy input", "clean": "clean input"}

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from faig_fast.attribution import top_count
+from faig_fast.core.attribution import top_count
 from faig_fast.data import DegradedImageDataset
 from faig_fast.errors import InvalidInputError
-from faig_fast.filters import FilterIndex, check_pair
+from faig_fast.core.filters import FilterIndex, check_pair
 
 TABLE_FRACTIONS = (0.01, 0.03, 0.05, 0.10)
 FILTER_SETS = {"blur": "deblurring", "noise": "denoising"}

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from faig_fast.errors import InvalidInputError
-from faig_fast.filters import FilterIndex, check_pair
+from faig_fast.core.filters import FilterIndex, check_pair
 
 DEFAULT_LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 

@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from faig_fast.attribution import Attribution, top_count
+from faig_fast.core.attribution import Attribution, top_count
 from faig_fast.errors import FAIGError, InvalidInputError
 
 NONE_LABEL = "clean"

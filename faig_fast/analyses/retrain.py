@@ -1,7 +1,7 @@
 """Re-training only the discovered filters (paper Sec. 5.2.2, Table 3).
 
 From the baseline model, only the selected filters (the K×K slices ``weight[out, in]`` given by flat
-filter indices, numbered as ``faig_fast.filters.FilterIndex``) are re-trained on one degradation,
+filter indices, numbered as ``faig_fast.core.filters.FilterIndex``) are re-trained on one degradation,
 while every other weight and every bias stays exactly as in the baseline. ``filter_indices=None``
 re-trains all parameters: the table's upper bound.
 """
@@ -15,9 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from faig_fast.errors import InvalidInputError
-from faig_fast.filters import FilterIndex
+from faig_fast.core.filters import FilterIndex
 from faig_fast.models import load_model, read_metadata
-from faig_fast.train import TrainConfig, train
+from faig_fast.apps.train import TrainConfig, train
 
 __all__ = ["filter_mask", "retrain_filters", "RETRAIN_DEGRADATIONS"]
 
@@ -55,7 +55,7 @@ def retrain_filters(baseline_path: PathLike, filter_indices: Tensor | Sequence[i
                     patch_size: int = 64, progress: bool = True) -> Path:
     """Re-train the baseline at ``baseline_path`` on ``degradation`` ("blur" or "noise", applied to
     every sample) updating only the filters ``filter_indices`` (None: all parameters, the upper
-    bound); returns ``out_dir/model.safetensors``. Resumable (see ``faig_fast.train.train``)."""
+    bound); returns ``out_dir/model.safetensors``. Resumable (see ``faig_fast.apps.train.train``)."""
     if degradation not in RETRAIN_DEGRADATIONS:
         raise InvalidInputError(
             f"unknown degradation {degradation!r}; valid: {sorted(RETRAIN_DEGRADATIONS)}")

@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from faig_fast.atomic import atomic_write
+from faig_fast.utils.io import atomic_save_safetensors
 from faig_fast.errors import CheckpointError, FAIGError, InvalidInputError
 from faig_fast.models.registry import VALID_SCALES, create_model, list_models
 
@@ -115,9 +115,7 @@ def load_state_dict_file(path: PathLike) -> dict[str, torch.Tensor]:
 def _atomic_write_safetensors(tensors: dict[str, torch.Tensor], path: Path,
                               header: dict[str, str]) -> None:
     try:
-        with atomic_write(path) as tmp:
-            # Looked up at call time so tests can monkeypatch safetensors.torch.save_file.
-            safetensors.torch.save_file(tensors, tmp, metadata=header)
+        atomic_save_safetensors(tensors, header, path)
     except BaseException as e:
         if isinstance(e, Exception) and not isinstance(e, FAIGError):
             raise CheckpointError(

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Sequence
 
 from faig_fast.errors import FAIGError
-from faig_fast.quadrature import FAST_GL_NODES
+from faig_fast.core.quadrature import FAST_GL_NODES
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from faig_fast.utils.paths import data_root, resolve_pair_dir, results_dir
+
+DEFAULT_DATA = data_root()
 
 
 def _add_attribute(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +38,7 @@ def _add_attribute(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:
-    from faig_fast.runs import finish_distributed, init_distributed
+    from faig_fast.apps.runs import finish_distributed, init_distributed
 
     rank, world = init_distributed()
     done = False
@@ -49,10 +51,10 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
 
 def _attribute(args: argparse.Namespace, rank: int, world: int) -> int:
-    from faig_fast.attribution import write_index_file
+    from faig_fast.core.attribution import write_index_file
     from faig_fast.data import DegradedImageDataset
     from faig_fast.models import load_model
-    from faig_fast.runs import attribute_dataset
+    from faig_fast.apps.runs import attribute_dataset
 
     kw = {"arch": args.arch} if args.arch else {}
     model_a = load_model(args.baseline, **kw)
@@ -92,20 +94,21 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from faig_fast.train import train_pair
+    from faig_fast.apps.train import train_pair
 
     out = Path(args.out or f"runs/train-{args.arch}-{args.preset}")
     base, target = train_pair(args.arch, args.preset, args.data, out, seed=args.seed,
                               baseline_iters=args.baseline_iters, finetune_iters=args.finetune_iters)
     print(f"baseline: {base}\ntarget:   {target}")
     if args.eval:
-        from faig_fast.evaluate import psnr_table
+        from faig_fast.analyses.evaluate import psnr_table
+        from faig_fast.utils.io import atomic_write_text
         from faig_fast.models import load_model
 
         models = {"baseline": load_model(base), "target": load_model(target)}
         sets = {n: DEFAULT_DATA / n for n in ("Set14", "Set5") if (DEFAULT_DATA / n).exists()}
         table = psnr_table(models, sets)
-        (out / "psnr.md").write_text(table)
+        atomic_write_text(out / "psnr.md", table)
         print(table)
     return 0
 
@@ -125,7 +128,7 @@ def _add_reproduce(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from faig_fast.reproduce import reproduce
+    from faig_fast.apps.reproduce import reproduce
 
     kw = {"out_dir": Path(args.out)} if args.out else {}
     pair = None if args.pair_dir == "train" else args.pair_dir
@@ -151,7 +154,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from faig_fast.bench import run_benchmarks
+    from faig_fast.apps.bench import run_benchmarks
 
     path = run_benchmarks(arch=args.arch, preset=args.preset, size=args.size, images=args.images,
                           steps=args.steps, method=args.method, cases=args.cases, device=args.device,
@@ -174,11 +177,9 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
 def cmd_study(args: argparse.Namespace) -> int:
     from faig_fast.data import DegradedImageDataset
     from faig_fast.models import load_model
-    from faig_fast.studies import precision_study, quadrature_markdown, quadrature_study, save_json
+    from faig_fast.apps.studies import precision_study, quadrature_markdown, quadrature_study, save_json
 
-    folder = Path(args.pair)
-    if not folder.exists():
-        folder = Path(__file__).resolve().parent / "assets" / "pairs" / args.pair
+    folder = resolve_pair_dir(args.pair)
     a, b = load_model(folder / "baseline.safetensors"), load_model(folder / "target.safetensors")
     ds = DegradedImageDataset(args.data, ("blur", "noise"), scale=b.upscale, seed=0, crop=args.crop or None)
     names = ds.names[: args.images]
@@ -191,7 +192,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         doc = precision_study(a, b, items, precisions=("bf16",))
         print(json.dumps(doc["rows"], indent=1))
     doc.update(pair=str(folder), data=args.data, crop=args.crop, images=len(names))
-    out = args.out or f"benchmarks/results/study-{args.kind}-{folder.name}.json"
+    out = args.out or results_dir() / f"study-{args.kind}-{folder.name}.json"
     print(f"results: {save_json(doc, out)}")
     return 0
 
@@ -202,7 +203,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from faig_fast.demo import run_demo
+    from faig_fast.apps.demo import run_demo
 
     report = run_demo(Path(args.out))
     print(f"\nDemo report: {report.resolve()}")
@@ -213,7 +214,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     import faig_fast
-    from faig_fast.reduction import available_backends
+    from faig_fast.ops.reduction import available_backends
 
     print(json.dumps({"faig_fast": faig_fast.__version__, "torch": torch.__version__,
                       "cuda": torch.cuda.is_available(), "reduction_backends": available_backends()}, indent=2))

@@ -13,16 +13,18 @@ import torch
 
 from faig_fast.analyses.figures import layer_counts, plot_layer_distribution
 from faig_fast.analyses.masking import degraded_inputs, masking_curve
-from faig_fast.api import attribute
-from faig_fast.attribution import jaccard
+from faig_fast.core.api import attribute
+from faig_fast.core.attribution import jaccard
 from faig_fast.data import DegradedImageDataset, demo_images
 from faig_fast.errors import FAIGError
 from faig_fast.models import load_model
-from faig_fast.quadrature import FAST_GL_NODES as GL_NODES
-from faig_fast.reduction import available_backends
-from faig_fast.reference import reference_attribute
+from faig_fast.core.quadrature import FAST_GL_NODES as GL_NODES
+from faig_fast.ops.reduction import available_backends
+from faig_fast.core.reference import reference_attribute
+from faig_fast.utils.io import atomic_write_text
+from faig_fast.utils.paths import shipped_pair_dir
 
-PAIR_DIR = Path(__file__).resolve().parent / "assets" / "pairs" / "msrresnet_small"
+PAIR_DIR = shipped_pair_dir("msrresnet_small")
 
 
 def run_demo(out_dir: Path, *, steps: int = 100, max_side: int = 96, pair_dir: Path = PAIR_DIR) -> Path:
@@ -88,6 +90,6 @@ def run_demo(out_dir: Path, *, steps: int = 100, max_side: int = 96, pair_dir: P
     lines += ["", f"![layer distribution]({fig.name})", "",
               "Result file: `attribution.safetensors` (load with `faig_fast.Attribution.load`).", ""]
     report = out_dir / "report.md"
-    report.write_text("\n".join(lines))
+    atomic_write_text(report, "\n".join(lines))
     print("\n".join(lines))
     return report

@@ -30,9 +30,9 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from faig_fast.errors import InvalidInputError
-from faig_fast.filters import FilterIndex, check_pair
-from faig_fast.linear_path_ops import linear_path_combine
-from faig_fast.quadrature import nodes_and_weights
+from faig_fast.core.filters import FilterIndex, check_pair
+from faig_fast.ops.linear_path import linear_path_combine
+from faig_fast.core.quadrature import nodes_and_weights
 
 STRATEGIES = ("auto", "tune", "loop", "vmap", "linear")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp64")

@@ -18,7 +18,7 @@ from typing import Optional, Union
 
 import torch
 
-from faig_fast import _ext
+from faig_fast.ops import extension as _ext
 from faig_fast.errors import FAIGError, InvalidInputError
 
 __all__ = ["BACKENDS", "filter_abs_sum", "accumulate_by_label", "filter_abs_sum_accumulate",

@@ -19,9 +19,10 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from faig_fast.api import Attributor, ImageScore
-from faig_fast.attribution import Attribution, atomic_save_safetensors
-from faig_fast.batches import normalize_batch
+from faig_fast.core.api import Attributor, ImageScore
+from faig_fast.core.attribution import Attribution
+from faig_fast.utils.io import atomic_save_safetensors, atomic_write_json
+from faig_fast.core.batches import normalize_batch
 from faig_fast.errors import InvalidInputError
 
 
@@ -49,7 +50,7 @@ def attribute_dataset(model_a: nn.Module, model_b: nn.Module, dataset: Sequence,
                       keep_per_image: bool = False, progress: bool = False, **kwargs) -> Attribution:
     """FAIG over an indexable dataset of ``(lq, gt, label)`` items, resumable and shardable.
 
-    ``kwargs`` go to :class:`faig_fast.api.Attributor` (steps, method, strategy, precision, ...).
+    ``kwargs`` go to :class:`faig_fast.core.api.Attributor` (steps, method, strategy, precision, ...).
     """
     if len(dataset) == 0:
         raise InvalidInputError("the dataset is empty: nothing to attribute")
@@ -64,7 +65,7 @@ def attribute_dataset(model_a: nn.Module, model_b: nn.Module, dataset: Sequence,
         if manifest.exists() and json.loads(manifest.read_text()) != key:
             raise InvalidInputError(f"{rdir} holds a run with other settings or models; use a fresh --resume-dir")
         if rank == 0:
-            manifest.write_text(json.dumps(key))
+            atomic_write_json(manifest, key)
     mine = range(rank, len(dataset), world)
     done: dict[int, ImageScore] = {}
     for i in tqdm(mine, desc=f"FAIG rank {rank}" if world > 1 else "FAIG", unit="img", disable=not progress):

@@ -1,6 +1,6 @@
 """Markdown report of a reproduction: our numbers beside the paper's, figures, config and timings.
 
-:func:`write_report` takes the JSON-able ``results`` dict that :mod:`faig_fast.reproduce` assembles
+:func:`write_report` takes the JSON-able ``results`` dict that :mod:`faig_fast.apps.reproduce` assembles
 (every key optional; a missing analysis gets a "not run" line) and writes ``report.md`` atomically.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from faig_fast.atomic import atomic_write_text
+from faig_fast.utils.io import atomic_write_text
 
 METHODS = ("faig", "ig", "weight_change", "random")
 METHOD_NAMES = {"faig": "FAIG", "ig": "IG", "weight_change": "\\|θ−θ̄\\|", "random": "Random"}

@@ -3,7 +3,7 @@
 * **baseline**: ×``scale`` SR trained on clean bilinear downsampling only;
 * **target**: fine-tuned from the baseline (EMA) weights with blur (σ=2, 21×21) and noise (σ=0.1),
   each applied independently with probability 0.5 per sample (Eq. 1 order: blur → bilinear ↓ →
-  noise → 8-bit quantisation, from ``faig_fast.degradations``).
+  noise → 8-bit quantisation, from ``faig_fast.data.degradations``).
 
 Recipe (the authors' BasicSR configs): Adam(β=(0.9, 0.99)), L1 loss, random ``patch_size``² GT crops
 with random horizontal/vertical flips and 90° rotations (transposes), batch 16, lr 2e-4 (baseline) and
@@ -47,9 +47,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from faig_fast.atomic import atomic_write
-from faig_fast.data import _PIL_ERRORS, list_images
-from faig_fast.degradations import add_noise, blur, downsample, quantize
+from faig_fast.utils.io import atomic_write
+from faig_fast.data.images import PIL_ERRORS as _PIL_ERRORS, list_images
+from faig_fast.data.degradations import add_noise, blur, downsample, quantize
 from faig_fast.errors import CheckpointError, InvalidInputError
 from faig_fast.models import create_model, list_presets, load_model, save_model
 

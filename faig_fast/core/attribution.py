@@ -9,13 +9,12 @@ from typing import Iterable, Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from faig_fast.atomic import atomic_write
+from faig_fast.utils.io import atomic_save_safetensors, atomic_write_text
 from faig_fast.errors import FAIGError, InvalidInputError
-from faig_fast.filters import FilterIndex, FilterInfo
+from faig_fast.core.filters import FilterIndex, FilterInfo
 
-FORMAT = "faig_fast.attribution/1"
+FORMAT = "faig_fast.core.attribution/1"
 
 
 class Attribution:
@@ -201,10 +200,5 @@ def read_index_file(path: str | os.PathLike) -> torch.Tensor:
 def write_index_file(indices: Sequence[int] | torch.Tensor, path: str | os.PathLike) -> None:
     """Write indices one per line, as the authors' scripts do."""
     vals = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
-    Path(path).write_text("".join(f"{int(v)}\n" for v in vals))
+    atomic_write_text(path, "".join(f"{int(v)}\n" for v in vals))
 
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    """safetensors ``save_file``, atomically."""
-    with atomic_write(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)

@@ -14,8 +14,9 @@ from typing import Sequence
 
 from torch import nn
 
-from faig_fast.api import attribute
-from faig_fast.attribution import Attribution, jaccard
+from faig_fast.core.api import attribute
+from faig_fast.core.attribution import Attribution, jaccard
+from faig_fast.utils.io import atomic_write_json
 
 RULES = (("riemann_left", 100), ("riemann_right", 100), ("riemann_middle", 100), ("riemann_trapezoid", 100),
          ("riemann_left", 50), ("riemann_left", 25))
@@ -78,7 +79,5 @@ def quadrature_markdown(study: dict) -> str:
 
 
 def save_json(doc: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1))
-    return path
+    """Write a study's JSON atomically."""
+    return atomic_write_json(path, doc)

@@ -12,10 +12,10 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from faig_fast.attribution import Attribution
-from faig_fast.batches import iterate_batches, model_scale
-from faig_fast.filters import FilterIndex, check_pair
-from faig_fast.quadrature import nodes_and_weights
+from faig_fast.core.attribution import Attribution
+from faig_fast.core.batches import iterate_batches, model_scale
+from faig_fast.core.filters import FilterIndex, check_pair
+from faig_fast.core.quadrature import nodes_and_weights
 
 
 def sse(output: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:

@@ -30,18 +30,20 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-import faig_fast
+
 from faig_fast.analyses import baselines as B
 from faig_fast.analyses import figures as FIG
 from faig_fast.analyses import masking as M
 from faig_fast.analyses import modulation as MOD
 from faig_fast.analyses import prediction as P
-from faig_fast.atomic import atomic_write_text
-from faig_fast.attribution import Attribution, jaccard, top_count
+from faig_fast.utils.io import atomic_write_json as write_json
+from faig_fast import __version__
+from faig_fast.utils.paths import data_root, shipped_pair_dir
+from faig_fast.core.attribution import Attribution, jaccard, top_count
 from faig_fast.data import DegradedImageDataset, list_images, loader
 from faig_fast.errors import InvalidInputError
 from faig_fast.models import load_model
-from faig_fast.report import PAPER_PREDICTION, write_report
+from faig_fast.apps.report import PAPER_PREDICTION, write_report
 
 DEGS = ("blur", "noise")
 METHODS = B.METHODS
@@ -55,7 +57,7 @@ _COMMON: dict[str, Any] = {
     "lams": [0.0, 0.25, 0.5, 0.75, 1.0], "example": "comic",
 }
 
-#: Per-preset analysis settings (the training recipe itself is ``faig_fast.train.PRESETS[preset]``).
+#: Per-preset analysis settings (the training recipe itself is ``faig_fast.apps.train.PRESETS[preset]``).
 PRESET_CONFIGS: dict[str, dict[str, Any]] = {
     # The pair is the shipped `small`-recipe pair (the tiny-recipe pair learns too little deblurring to
     # show the paper's findings); analysis sizes are cut to fit ≈ 11 minutes.
@@ -75,34 +77,6 @@ PRESET_CONFIGS: dict[str, dict[str, Any]] = {
 
 
 # ------------------------------------------------------------------------------------ helpers
-def default_data_root() -> Path:
-    """``../shared/data`` from the working directory, else next to the repository."""
-    cwd = Path.cwd() / ".." / "shared" / "data"
-    if cwd.is_dir():
-        return cwd.resolve()
-    return (Path(__file__).resolve().parents[2] / "shared" / "data")
-
-
-def shipped_pair_dir(arch: str, preset: str) -> Path:
-    """Where a pair shipped with the package lives: ``faig_fast/assets/pairs/<arch>_<preset>``."""
-    return Path(faig_fast.__file__).resolve().parent / "assets" / "pairs" / f"{arch}_{preset}"
-
-
-def write_json(path: Path, obj: Any) -> Path:
-    """JSON dump, atomically."""
-    return atomic_write_text(path, json.dumps(obj, indent=1, default=_jsonable))
-
-
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
-
-
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
@@ -156,7 +130,7 @@ def reductions_for(cfg: dict, n_set14: int, n_bsd: tuple[int, int]) -> list[str]
     r = []
     if cfg["train_preset"] != "paper":
         r.append(f"Model pair: `{cfg['arch']}` trained with the `{cfg['train_preset']}` recipe of "
-                 "`faig_fast.train.PRESETS` (narrower network, far fewer iterations, SunHays80 instead of DIV2K) "
+                 "`faig_fast.apps.train.PRESETS` (narrower network, far fewer iterations, SunHays80 instead of DIV2K) "
                  "instead of the paper's 16×64 SRResNet trained 100K + 100K iterations on DIV2K.")
     else:
         r.append("Training data: SunHays80 stands in for DIV2K-train.")
@@ -232,7 +206,7 @@ def _reproduce(preset: str, data_root: Path | str | None, out_dir: Path | str | 
         raise InvalidInputError("seeds is empty")
     cfg["retrain_seeds"] = list(cfg["retrain_seeds"] or cfg["seeds"])
     cfg["preset"] = preset
-    data_root = Path(data_root) if data_root is not None else default_data_root()
+    data_root = Path(data_root) if data_root is not None else data_root()
     if out_dir is None:
         out_dir = Path("runs") / (f"reproduce-{preset}" if cfg["arch"] == "msrresnet" else f"reproduce-{preset}-{cfg['arch']}")
     out_dir = Path(out_dir)
@@ -259,13 +233,13 @@ def _reproduce(preset: str, data_root: Path | str | None, out_dir: Path | str | 
     def stage_pair() -> None:
         src = pair_dir
         if src == "auto":
-            shipped = shipped_pair_dir(cfg["arch"], cfg["train_preset"])
+            shipped = shipped_pair_dir(f"{cfg['arch']}_{cfg['train_preset']}")
             src = shipped if (shipped / "baseline.safetensors").exists() else None
         if src is None:
-            from faig_fast.train import train_pair
+            from faig_fast.apps.train import train_pair
             base, tgt = train_pair(cfg["arch"], cfg["train_preset"], data_root / "SunHays80", out_dir / "pair",
                                    seed=cfg["pair_seed"], scale=scale, progress=progress)
-            info = {"source": "trained here with faig_fast.train.train_pair", "baseline": str(base),
+            info = {"source": "trained here with faig_fast.apps.train.train_pair", "baseline": str(base),
                     "target": str(tgt)}
         else:
             src = Path(src)
@@ -291,7 +265,7 @@ def _reproduce(preset: str, data_root: Path | str | None, out_dir: Path | str | 
     faig_path, ig_path = out_dir / "faig_set14.safetensors", out_dir / "ig_set14.safetensors"
 
     def stage_faig() -> None:
-        from faig_fast.api import attribute
+        from faig_fast.core.api import attribute
         att = attribute(baseline, target, loader(set14), steps=cfg["steps"], method=cfg["method"],
                         backend=cfg["backend"], keep_per_image=True, progress=progress)
         att.save(faig_path)
@@ -327,7 +301,7 @@ def _reproduce(preset: str, data_root: Path | str | None, out_dir: Path | str | 
     # 5. re-training -----------------------------------------------------------------------------
     def stage_retrain() -> None:
         from faig_fast.analyses.retrain import retrain_filters
-        from faig_fast.evaluate import evaluate
+        from faig_fast.analyses.evaluate import evaluate
         data = list_images(data_root / "SunHays80")
         if cfg["retrain_images"]:
             data = data[: cfg["retrain_images"]]
@@ -382,7 +356,7 @@ def _reproduce(preset: str, data_root: Path | str | None, out_dir: Path | str | 
 
     def bsd_stage(paths: list[Path], path: Path) -> Callable[[], None]:
         def fn() -> None:
-            from faig_fast.api import attribute
+            from faig_fast.core.api import attribute
             ds = DegradedImageDataset(paths, tuple(cfg["prediction_labels"]), scale=scale, seed=0,
                                       crop=cfg["bsd_crop"])
             attribute(baseline, target, loader(ds), steps=cfg["prediction_steps"], method=cfg["method"],
@@ -407,7 +381,7 @@ def _reproduce(preset: str, data_root: Path | str | None, out_dir: Path | str | 
     tops = {d: faig.top(d, frac) for d in DEGS}
 
     def stage_modulation() -> None:
-        from faig_fast.evaluate import evaluate
+        from faig_fast.analyses.evaluate import evaluate
         psnr: dict = {}
         for fset in DEGS:
             for lam in cfg["lams"]:
@@ -549,7 +523,7 @@ def _findings(res: dict) -> list[tuple[str, bool | None, str]]:
 
 def assemble_results(out_dir: Path, cfg: dict, faig: Attribution, tops: dict[str, torch.Tensor],
                      fig_files: dict[str, Path], n_set14: int, n_bsd: tuple[int, int], pair: dict) -> dict:
-    """Gather every stage's output into the dict :func:`faig_fast.report.write_report` renders."""
+    """Gather every stage's output into the dict :func:`faig_fast.apps.report.write_report` renders."""
     res: dict[str, Any] = {"config": cfg}
     if (out_dir / "masking.json").exists():
         res["masking"] = read_json(out_dir / "masking.json")["table"]
@@ -564,7 +538,7 @@ def assemble_results(out_dir: Path, cfg: dict, faig: Attribution, tops: dict[str
                       f"1% = {top_count(len(faig.index), cfg['fraction'])} filters). Paper numbers: 16×64 "
                       "SRResNet, full Set14, DIV2K training. Numbers are not expected to match at reduced "
                       "sizes; the qualitative checks below say which findings carry over.")
-    res["environment"] = (f"faig_fast {faig_fast.__version__}, torch {torch.__version__}, Python "
+    res["environment"] = (f"faig_fast {__version__}, torch {torch.__version__}, Python "
                           f"{platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPU cores, "
                           f"CUDA {'available' if torch.cuda.is_available() else 'not available'}, {torch.get_num_threads()} torch "
                           f"thread(s); load average when the report was written: "

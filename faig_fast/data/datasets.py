@@ -1,5 +1,5 @@
-"""Images in, (LQ, GT, label) triples out: reading images, the bundled demo photographs, and a
-dataset that applies every degradation of ``faig_fast.degradations`` to every image, deterministically.
+"""(LQ, GT, label) triples: a dataset that applies every degradation of
+``faig_fast.data.degradations`` to every image, deterministically, and size-grouped batching.
 
 Images are float32 CHW RGB tensors in [0, 1] throughout.
 """
@@ -17,136 +17,11 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from faig_fast.degradations import Degradation, make_degradation
+from faig_fast.data.degradations import Degradation, make_degradation
+from faig_fast.data.images import PIL_ERRORS, PathLike, list_images, modcrop, read_image
 from faig_fast.errors import InvalidInputError
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "DegradedImageDataset",
-    "SizeGroupedBatchSampler",
-    "collate_same_size",
-    "demo_images",
-    "list_images",
-    "loader",
-    "modcrop",
-    "read_image",
-]
-
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
-
-PathLike = Union[str, "os.PathLike[str]"]
 ImageSource = Union[PathLike, Sequence[PathLike], Sequence[tuple[str, Tensor]]]
-
-# What Pillow raises for missing, unreadable, corrupt or truncated files.
-_PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-
-
-# ------------------------------------------------------------------------------------ reading
-def _to_chw(arr: np.ndarray, where: str) -> Tensor:
-    """HW / HWC integer or float array → float32 CHW RGB in [0, 1]."""
-    if arr.dtype == np.bool_:
-        arr = arr.astype(np.float32)
-    elif arr.dtype == np.uint8:
-        arr = arr.astype(np.float32) / 255.0
-    elif arr.dtype in (np.uint16, np.int32, np.dtype(">u2"), np.dtype("<u2")):
-        # 16-bit images (Pillow gives I;16 or I for 16-bit PNG/TIFF).
-        arr = np.clip(arr.astype(np.float32) / 65535.0, 0.0, 1.0)
-    elif np.issubdtype(arr.dtype, np.floating):
-        arr = np.clip(arr.astype(np.float32), 0.0, 1.0)
-    else:
-        raise InvalidInputError(f"{where}: unsupported pixel type {arr.dtype}")
-    if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    elif arr.ndim == 3 and arr.shape[2] in (1, 2):  # gray (+ alpha)
-        arr = np.repeat(arr[:, :, :1], 3, axis=2)
-    elif arr.ndim == 3 and arr.shape[2] >= 3:  # RGB(A): drop alpha
-        arr = arr[:, :, :3]
-    else:
-        raise InvalidInputError(f"{where}: unsupported image array shape {arr.shape}")
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
-
-
-def read_image(path: PathLike) -> Tensor:
-    """Read an image file as float32 CHW RGB in [0, 1]. Gray and palette images become RGB, alpha is
-    dropped, 16-bit images are scaled by 65535. Any unreadable file raises ``InvalidInputError``
-    naming the path (the whole file is decoded here, so truncation is caught now, not later)."""
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode == "P":  # palette: expand via RGBA so transparency info is not mis-handled
-                img = img.convert("RGBA")
-            elif img.mode not in ("1", "L", "LA", "RGB", "RGBA", "I", "F") and not img.mode.startswith("I;16"):
-                img = img.convert("RGB")  # CMYK, YCbCr, LAB, HSV, PA, ...
-            arr = np.array(img)
-    except FileNotFoundError as e:
-        raise InvalidInputError(f"image file not found: {path}") from e
-    except _PIL_ERRORS as e:
-        raise InvalidInputError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
-    if arr.size == 0:
-        raise InvalidInputError(f"image {path} is empty ({arr.shape})")
-    return _to_chw(arr, str(path))
-
-
-def modcrop(img: Tensor, scale: int) -> Tensor:
-    """Crop H and W (the last two dims) down to multiples of ``scale``, keeping the top-left corner."""
-    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
-        raise InvalidInputError(f"modcrop: scale must be an int >= 1, got {scale!r}")
-    if not isinstance(img, Tensor) or img.dim() < 2:
-        raise InvalidInputError(f"modcrop: expected an image tensor (..., H, W), got {getattr(img, 'shape', img)!r}")
-    h, w = img.shape[-2:]
-    return img[..., : h - h % scale, : w - w % scale]
-
-
-def list_images(folder: PathLike) -> list[Path]:
-    """The image files (png/jpg/jpeg/bmp/tif/tiff, any case; hidden files skipped) directly in
-    ``folder``, sorted by name. A missing folder or one without images raises ``InvalidInputError``."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InvalidInputError(f"image folder not found (or not a directory): {folder}")
-    files = sorted(
-        p for p in folder.iterdir()
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
-    )
-    if not files:
-        raise InvalidInputError(
-            f"no images ({'/'.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}) in folder {folder}"
-        )
-    return files
-
-
-def demo_images(
-    names: Sequence[str] = ("astronaut", "chelsea", "coffee", "rocket"),
-    max_side: int | None = 256,
-) -> list[tuple[str, Tensor]]:
-    """Photographs bundled with scikit-image (``skimage.data.<name>()``, no network) as
-    ``(name, float32 CHW RGB)`` pairs, area-downscaled so the longest side is at most ``max_side``."""
-    if max_side is not None and (isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1):
-        raise InvalidInputError(f"demo_images: max_side must be an int >= 1 or None, got {max_side!r}")
-    if isinstance(names, str):
-        names = (names,)
-    import skimage.data  # imported lazily: only the demo needs it
-
-    out: list[tuple[str, Tensor]] = []
-    for name in names:
-        fn = getattr(skimage.data, name, None) if isinstance(name, str) and not name.startswith("_") else None
-        if not callable(fn):
-            raise InvalidInputError(f"demo_images: skimage.data has no image {name!r}")
-        try:
-            arr = np.asarray(fn())
-        except Exception as e:  # e.g. an image that needs a download (pooch, network) in this install
-            raise InvalidInputError(f"demo_images: cannot load skimage.data.{name}(): {type(e).__name__}: {e}") from e
-        if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
-            raise InvalidInputError(f"demo_images: skimage.data.{name}() is not an 8-bit image ({arr.dtype}, {arr.shape})")
-        if arr.ndim == 3 and arr.shape[2] == 4:
-            arr = arr[:, :, :3]
-        h, w = arr.shape[:2]
-        if max_side is not None and max(h, w) > max_side:
-            f = max_side / max(h, w)
-            size = (max(1, min(max_side, round(w * f))), max(1, min(max_side, round(h * f))))
-            arr = np.asarray(Image.fromarray(arr).resize(size, Image.Resampling.BOX))
-        out.append((name, _to_chw(arr, f"skimage.data.{name}")))
-    return out
 
 
 # ------------------------------------------------------------------------------------ dataset
@@ -157,7 +32,7 @@ def _image_size(path: Path) -> tuple[int, int]:
             w, h = img.size
     except FileNotFoundError as e:
         raise InvalidInputError(f"image file not found: {path}") from e
-    except _PIL_ERRORS as e:
+    except PIL_ERRORS as e:
         raise InvalidInputError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
     return h, w
 

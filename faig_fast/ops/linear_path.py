@@ -79,7 +79,7 @@ def linear_path_combine(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor, b
             raise FAIGError(f"backend 'triton' does not support {a.device.type} tensors")
         use_triton = True
     elif backend == "auto" and a.device.type == "cuda" and not needs_grad:
-        from faig_fast.reduction import _triton_import
+        from faig_fast.ops.reduction import _triton_import
 
         use_triton = _triton_import()[0]
     if not use_triton:

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from faig_fast.attribution import jaccard
-from faig_fast.quadrature import FAST_GL_NODES
+from faig_fast.core.attribution import jaccard
+from faig_fast.core.quadrature import FAST_GL_NODES
+from faig_fast.utils.io import atomic_write_json
+from faig_fast.utils.paths import data_root, results_dir, shipped_pair_dir
 
 CASES = ("naive", "loop", "vmap", "linear", "loop-gl", "reduce-torch", "reduce-cpp", "reduce-triton",
          "reduce-cuda")
-RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
 def device_name(device: torch.device) -> str:
@@ -42,7 +43,7 @@ def _pair(arch: str, preset: str, seed: int = 0):
     """A baseline and a nearby target: the shipped trained pair when there is one, else a perturbed copy."""
     from faig_fast.models import create_model, load_model
 
-    shipped = Path(__file__).resolve().parent / "assets" / "pairs" / f"{arch}_{preset}"
+    shipped = shipped_pair_dir(f"{arch}_{preset}")
     if (shipped / "baseline.safetensors").exists():
         return load_model(shipped / "baseline.safetensors"), load_model(shipped / "target.safetensors"), str(shipped)
     torch.manual_seed(seed)
@@ -53,10 +54,9 @@ def _pair(arch: str, preset: str, seed: int = 0):
 
 
 def _images(size: int, n: int):
-    from faig_fast.cli import DEFAULT_DATA
     from faig_fast.data import DegradedImageDataset, demo_images
 
-    src = DEFAULT_DATA / "Set14"
+    src = data_root() / "Set14"
     images = src if src.exists() else demo_images()
     ds = DegradedImageDataset(images, ("blur", "noise"), scale=2, seed=0, crop=2 * size if size else None)
     return [ds[i] for i in range(min(n, len(ds)))], ("Set14" if src.exists() else "skimage demo images")
@@ -75,10 +75,10 @@ def flop_count(model: torch.nn.Module, lq: torch.Tensor, gt: torch.Tensor) -> in
 
 def _worker(cfg: dict) -> dict:
     """Run one case in this process and describe it."""
-    from faig_fast.api import attribute
-    from faig_fast.reference import reference_attribute
+    from faig_fast.core.api import attribute
+    from faig_fast.core.reference import reference_attribute
 
-    from faig_fast.reduction import available_backends
+    from faig_fast.ops.reduction import available_backends
 
     available_backends()  # any extension build happens before the clock starts
     device = torch.device(cfg["device"])
@@ -87,10 +87,10 @@ def _worker(cfg: dict) -> dict:
     items, source = _images(cfg["size"], cfg["images"])
     out: dict = {"case": case}
     if case.startswith("reduce-"):
-        from faig_fast.reduction import filter_abs_sum
+        from faig_fast.ops.reduction import filter_abs_sum
 
         backend = case.split("-", 1)[1]
-        from faig_fast.filters import FilterIndex
+        from faig_fast.core.filters import FilterIndex
 
         index = FilterIndex.from_model(b)
         p = sum(l.num_filters * l.kk for l in index.layers)
@@ -163,7 +163,7 @@ def run_benchmarks(*, arch: str = "msrresnet", preset: str = "paper", size: int 
     for case in cases:
         cfg = dict(case=case, arch=arch, preset=preset, size=size, images=images, steps=steps, method=method,
                    device=str(dev), repeat=repeat, gl_nodes=gl_nodes)
-        proc = subprocess.run([sys.executable, "-m", "faig_fast.bench", json.dumps(cfg)], capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "faig_fast.apps.bench", json.dumps(cfg)], capture_output=True,
                               text=True)
         if proc.returncode != 0:
             results.append({"case": case, "error": proc.stderr.strip().splitlines()[-1:]})
@@ -184,9 +184,9 @@ def run_benchmarks(*, arch: str = "msrresnet", preset: str = "paper", size: int 
         "arch": arch, "preset": preset, "lq_crop": size or "full", "images": images, "steps": steps,
         "method": method, "gl_nodes": gl_nodes, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": results,
     }
-    path = Path(out) if out else RESULTS_DIR / f"{dev.type}-{arch}-{preset}-{size or 'full'}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path = Path(out) if out else results_dir() / f"{dev.type}-{arch}-{preset}-{size or 'full'}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1))
+    atomic_write_json(path, doc)
     return path
 
 

@@ -41,11 +41,11 @@ class ExtensionUnavailableWarning(RuntimeWarning):
 
 def csrc_dir() -> Path:
     """The folder holding the C++/CUDA sources (repository checkout first, then package data)."""
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent / "csrc", here / "csrc"):
+    package = Path(__file__).resolve().parents[1]
+    for cand in (package.parent / "csrc", package / "csrc"):
         if (cand / _CPP).is_file():
             return cand
-    return here.parent / "csrc"
+    return package.parent / "csrc"
 
 
 def disabled() -> bool:

@@ -1,0 +1,1 @@
+"""Small shared helpers: atomic file writing and where bundled assets and data live."""
