@@ -417,7 +417,7 @@ SHIPPED = sorted((Path(faig_fast.__file__).parent / "assets" / "pairs").iterdir(
 
 @pytest.mark.parametrize("pair_dir", SHIPPED, ids=[p.name for p in SHIPPED])
 def test_shipped_pairs_load_as_matching_finite_pairs(pair_dir):
-    from faig_fast.core.filters import check_pair
+    from faig_fast.core.pair import check_pair
 
     base = load_model(pair_dir / "baseline.safetensors")
     target = load_model(pair_dir / "target.safetensors")

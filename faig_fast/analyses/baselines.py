@@ -30,7 +30,8 @@ from faig_fast.core.attribution import Attribution
 from faig_fast.core.batches import iterate_batches, model_scale
 from faig_fast.data.degradations import make_degradation
 from faig_fast.errors import InvalidInputError
-from faig_fast.core.filters import FilterIndex, check_pair, conv_weight_names
+from faig_fast.core.filters import FilterIndex, conv_weight_names
+from faig_fast.core.pair import check_pair
 from faig_fast.core.quadrature import nodes_and_weights
 
 METHODS = ("faig", "ig", "weight_change", "random")

@@ -25,7 +25,8 @@ from torch import nn
 from faig_fast.core.attribution import top_count
 from faig_fast.data import DegradedImageDataset
 from faig_fast.errors import InvalidInputError
-from faig_fast.core.filters import FilterIndex, check_pair
+from faig_fast.core.filters import FilterIndex
+from faig_fast.core.pair import check_pair
 
 TABLE_FRACTIONS = (0.01, 0.03, 0.05, 0.10)
 FILTER_SETS = {"blur": "deblurring", "noise": "denoising"}
@@ -34,20 +35,13 @@ FILTER_SETS = {"blur": "deblurring", "noise": "denoising"}
 def mask_filters(target: nn.Module, baseline: nn.Module, indices: torch.Tensor | Sequence[int]) -> nn.Module:
     """A copy of ``target`` whose filters ``indices`` (flat) hold the baseline's K×K weights."""
     check_pair(baseline, target)
-    index = FilterIndex.from_model(target)
-    idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(index)):
-        raise InvalidInputError(f"filter indices must lie in [0, {len(index)})")
+    rows = FilterIndex.from_model(target).split(indices)
     out = copy.deepcopy(target)
     sd_t, sd_b = out.state_dict(), baseline.state_dict()
-    layer_pos = index.layer_of(idx)
     with torch.no_grad():
-        for li, layer in enumerate(index.layers):
-            local = idx[layer_pos == li] - layer.start
-            if local.numel() == 0:
-                continue
-            w = sd_t[layer.name].view(layer.num_filters, -1)
-            w[local] = sd_b[layer.name].to(w).reshape(layer.num_filters, -1)[local]
+        for name, local in rows.items():
+            w = sd_t[name].view(sd_t[name].shape[0] * sd_t[name].shape[1], -1)
+            w[local] = sd_b[name].to(w).reshape(w.shape[0], -1)[local]
     return out
 
 

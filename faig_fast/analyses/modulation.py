@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from faig_fast.errors import InvalidInputError
-from faig_fast.core.filters import FilterIndex, check_pair
+from faig_fast.core.filters import FilterIndex
+from faig_fast.core.pair import check_pair
 
 DEFAULT_LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -27,21 +28,15 @@ def modulate(baseline: nn.Module, target: nn.Module, indices: torch.Tensor | Seq
     check_pair(baseline, target)
     if elsewhere not in ("target", "baseline"):
         raise InvalidInputError(f"elsewhere must be 'target' or 'baseline', got {elsewhere!r}")
-    index = FilterIndex.from_model(target)
-    idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(index)):
-        raise InvalidInputError(f"filter indices must lie in [0, {len(index)})")
+    rows = FilterIndex.from_model(target).split(indices)
     out = copy.deepcopy(target if elsewhere == "target" else baseline)
     sd, sa, sb = out.state_dict(), baseline.state_dict(), target.state_dict()
-    pos = index.layer_of(idx)
     with torch.no_grad():
-        for li, layer in enumerate(index.layers):
-            local = idx[pos == li] - layer.start
-            if local.numel() == 0:
-                continue
-            w = sd[layer.name].view(layer.num_filters, -1)
-            a = sa[layer.name].reshape(layer.num_filters, -1)[local].to(w)
-            b = sb[layer.name].reshape(layer.num_filters, -1)[local].to(w)
+        for name, local in rows.items():
+            n = sd[name].shape[0] * sd[name].shape[1]
+            w = sd[name].view(n, -1)
+            a = sa[name].reshape(n, -1)[local].to(w)
+            b = sb[name].reshape(n, -1)[local].to(w)
             w[local] = a + lam * (b - a)
     return out
 

@@ -34,18 +34,13 @@ def filter_mask(model: nn.Module, filter_indices: Tensor | Sequence[int]) -> dic
     selected filter (flat indices: conv weights in state_dict order, row-major over (out, in)),
     0 elsewhere. Parameters without a key (biases, ...) are meant to stay frozen."""
     index = FilterIndex.from_model(model)
-    idx = torch.as_tensor(filter_indices, dtype=torch.long).flatten()
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= index.num_filters):
-        raise InvalidInputError(
-            f"filter indices must lie in [0, {index.num_filters}), got range "
-            f"[{int(idx.min())}, {int(idx.max())}]")
-    flat = torch.zeros(index.num_filters, dtype=torch.float32)
-    flat[idx] = 1.0
+    rows = index.split(filter_indices)
     masks: dict[str, Tensor] = {}
     for layer in index.layers:
-        per_filter = flat[layer.start:layer.start + layer.num_filters].view(layer.shape[0], layer.shape[1])
-        masks[layer.name] = per_filter.view(*per_filter.shape, *([1] * (len(layer.shape) - 2))).expand(
-            layer.shape).contiguous()
+        m = torch.zeros(layer.num_filters, layer.kk, dtype=torch.float32)
+        if layer.name in rows:
+            m[rows[layer.name]] = 1.0
+        masks[layer.name] = m.view(layer.shape).contiguous()
     return masks
 
 

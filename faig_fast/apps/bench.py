@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from faig_fast.utils.device import sync
 from faig_fast.core.attribution import jaccard
 from faig_fast.core.quadrature import FAST_GL_NODES
 from faig_fast.utils.io import atomic_write_json
@@ -100,10 +101,10 @@ def _worker(cfg: dict) -> dict:
         filter_abs_sum(delta, grads, 9, backend=backend)
         times = []
         for _ in range(max(3, cfg["repeat"])):
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             filter_abs_sum(delta, grads, 9, backend=backend)
-            _sync(device)
+            sync(device)
             times.append(time.perf_counter() - t0)
         out.update(seconds=min(times), elements=4 * p, gbytes_per_s=4 * p * 2 * 4 / min(times) / 1e9)
         return out
@@ -122,10 +123,10 @@ def _worker(cfg: dict) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     times, result = [], None
     for _ in range(cfg["repeat"]):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         result = run()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     flops = sum(flop_count(b.to(device), x.to(device), y.to(device)) for x, y, _ in items) * cfg["steps"]
     out.update(
@@ -139,10 +140,6 @@ def _worker(cfg: dict) -> dict:
     )
     return out
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_benchmarks(*, arch: str = "msrresnet", preset: str = "paper", size: int = 32, images: int = 2,

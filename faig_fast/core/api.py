@@ -12,7 +12,7 @@ import faig_fast
 from faig_fast.core.attribution import Attribution
 from faig_fast.core.batches import Batch, iterate_batches, model_scale
 from faig_fast.core.engine import ImageResult, PathEngine
-from faig_fast.core.filters import model_hash
+from faig_fast.core.pair import model_hash
 from faig_fast.core.quadrature import nodes_and_weights
 from faig_fast.ops.reduction import filter_abs_sum, filter_abs_sum_accumulate
 

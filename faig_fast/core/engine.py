@@ -29,8 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from faig_fast.utils.device import sync
 from faig_fast.errors import InvalidInputError
-from faig_fast.core.filters import FilterIndex, check_pair
+from faig_fast.core.filters import FilterIndex
+from faig_fast.core.pair import check_pair
 from faig_fast.ops.linear_path import linear_path_combine
 from faig_fast.core.quadrature import nodes_and_weights
 
@@ -133,10 +135,10 @@ class PathEngine:
             self.strategy = s
             try:
                 for _ in range(2):  # the first call warms caches and kernels up
-                    _sync(self.device)
+                    sync(self.device)
                     t0 = time.perf_counter()
                     self.integrate(lq[:1], gt[:1], "riemann_left", steps)
-                    _sync(self.device)
+                    sync(self.device)
                 timings[s] = (time.perf_counter() - t0) / steps
             except torch.OutOfMemoryError:
                 continue
@@ -283,10 +285,6 @@ class PathEngine:
         assert total is not None
         return total
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @contextlib.contextmanager

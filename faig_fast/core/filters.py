@@ -1,4 +1,4 @@
-"""Which parameters are filters, how they are numbered, and whether two models form a pair.
+"""Which parameters are filters and how they are numbered.
 
 A *filter* is one K×K slice ``weight[out, in]`` of a convolution weight (the paper's footnote 2).
 Flat filter indices follow the authors' released neuron-search index files: conv weights in
@@ -6,14 +6,13 @@ Flat filter indices follow the authors' released neuron-search index files: conv
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
 import torch
 from torch import nn
 
-from faig_fast.errors import InvalidInputError, ModelMismatchError
+from faig_fast.errors import InvalidInputError
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
@@ -90,6 +89,25 @@ class FilterIndex:
         bounds = torch.tensor([l.start + l.num_filters for l in self.layers], dtype=torch.long)
         return torch.bucketize(indices.to(torch.long), bounds, right=True)
 
+    def split(self, indices: torch.Tensor | list[int]) -> dict[str, torch.Tensor]:
+        """Flat indices grouped by layer: layer name → rows of ``weight.reshape(num_filters, -1)``.
+
+        Raises :class:`InvalidInputError` for an index outside ``[0, len(self))``; layers with no
+        selected filter are left out.  The one place flat indices are mapped back onto weights
+        (masking, modulation and re-training all use it).
+        """
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_filters):
+            raise InvalidInputError(
+                f"filter indices must lie in [0, {self.num_filters}), got range [{int(idx.min())}, {int(idx.max())}]")
+        pos = self.layer_of(idx)
+        out = {}
+        for li, layer in enumerate(self.layers):
+            local = idx[pos == li] - layer.start
+            if local.numel():
+                out[layer.name] = local
+        return out
+
     def to_json(self) -> list[list]:
         return [[l.name, list(l.shape)] for l in self.layers]
 
@@ -109,40 +127,3 @@ def conv_weight_names(model: nn.Module) -> list[str]:
     if not names:
         raise InvalidInputError(f"{type(model).__name__} has no convolution layers: FAIG attributes conv filters")
     return names
-
-
-def check_finite(model: nn.Module, role: str) -> None:
-    """Raise if any parameter or buffer of ``model`` holds NaN or Inf."""
-    for name, t in model.state_dict().items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise InvalidInputError(f"{role} model: parameter '{name}' contains NaN or Inf")
-
-
-def check_pair(model_a: nn.Module, model_b: nn.Module) -> None:
-    """Raise :class:`ModelMismatchError` unless the models share an architecture and every shape."""
-    if type(model_a) is not type(model_b):
-        raise ModelMismatchError(
-            f"model_a is {type(model_a).__name__} but model_b is {type(model_b).__name__}: "
-            "the baseline and target must share one architecture")
-    sa, sb = model_a.state_dict(), model_b.state_dict()
-    for (ka, ta), (kb, tb) in zip(sa.items(), sb.items()):
-        if ka != kb:
-            raise ModelMismatchError(f"parameter names differ: model_a has '{ka}' where model_b has '{kb}'")
-        if ta.shape != tb.shape:
-            raise ModelMismatchError(
-                f"parameter '{ka}' has shape {tuple(ta.shape)} in model_a but {tuple(tb.shape)} in model_b")
-    if len(sa) != len(sb):
-        longer, name = ("model_a", list(sa)[len(sb)]) if len(sa) > len(sb) else ("model_b", list(sb)[len(sa)])
-        raise ModelMismatchError(f"only {longer} has parameter '{name}'")
-    check_finite(model_a, "model_a (baseline)")
-    check_finite(model_b, "model_b (target)")
-
-
-def model_hash(model: nn.Module) -> str:
-    """SHA-256 of a model's state dict (names, shapes and float64 values), for provenance."""
-    h = hashlib.sha256()
-    for k, t in model.state_dict().items():
-        h.update(k.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
-    return h.hexdigest()

@@ -14,7 +14,8 @@ from torch import nn
 
 from faig_fast.core.attribution import Attribution
 from faig_fast.core.batches import iterate_batches, model_scale
-from faig_fast.core.filters import FilterIndex, check_pair
+from faig_fast.core.filters import FilterIndex
+from faig_fast.core.pair import check_pair
 from faig_fast.core.quadrature import nodes_and_weights
 
 
