@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.faig-installed
 
-.PHONY: demo test bench install
+.PHONY: demo test bench install ext kernels-check gpu-check
 
 $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,3 +22,20 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m faig_fast bench
+
+# Build the optional C++/CUDA extension now (backend "auto" uses it once built; it never compiles on a call).
+ext: $(STAMP)
+	$(PY) -m faig_fast info --build
+
+# Compile every Triton kernel and autotune config for sm_80/sm_90 (no GPU needed); with nvcc, also csrc/*.cu.
+kernels-check: $(STAMP)
+	$(PY) -m faig_fast info --kernels sm_80,sm_90 $$(command -v nvcc >/dev/null && echo --nvcc)
+
+# On a CUDA machine whose python3 already has torch, triton and the test tools: no venv, no download.
+# CUDA tests, engine vs naive loop (crops and full Set14, 3 precisions, 2 rules), roofline, training
+# throughput -> benchmarks/results/gpu-<device>-<date>.{json,md}, in at most 8 minutes.  Without CUDA:
+# a tiny CPU dry run that checks the wiring and exits 0.
+GPU_PY ?= python3
+gpu-check:
+	$(GPU_PY) -m pip install -q -e . --no-deps --no-build-isolation
+	$(GPU_PY) -m faig_fast.apps.gpu_check

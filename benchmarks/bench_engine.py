@@ -3,8 +3,9 @@
 MSRResNet 16×64 ×2 (the paper's size; random-init pair unless a trained ``msrresnet_paper`` pair is
 shipped), two 32×32 LR crops (one blurry, one noisy), N steps of the left Riemann rule, plus the
 engine with Gauss–Legendre at the node count from ``faig study quadrature``.  Run on an idle machine:
-``.venv/bin/python -m pytest benchmarks/bench_engine.py`` (``--benchmark-disable`` for a smoke run;
-``FAIG_BENCH_STEPS`` to change N).  ``faig bench`` writes the same comparison as JSON.
+``.venv/bin/python -m pytest benchmarks/bench_engine.py``.  A quick smoke run of every case (a few seconds):
+``FAIG_BENCH_PRESET=tiny FAIG_BENCH_STEPS=2 FAIG_BENCH_GL_NODES=2 python -m pytest benchmarks/ --benchmark-disable``.
+``faig bench`` writes the same comparison as JSON, with its roofline.
 """
 from __future__ import annotations
 
@@ -19,13 +20,15 @@ from faig_fast.core.reference import reference_attribute
 
 STEPS = int(os.environ.get("FAIG_BENCH_STEPS", "20"))
 GL_NODES = int(os.environ.get("FAIG_BENCH_GL_NODES", "12"))
+PRESET = os.environ.get("FAIG_BENCH_PRESET", "paper")
+SIZE = int(os.environ.get("FAIG_BENCH_SIZE", "32"))
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.fixture(scope="module")
 def setup():
-    a, b, _ = _pair("msrresnet", "paper")
-    items, _ = _images(32, 2)
+    a, b, _ = _pair("msrresnet", PRESET)
+    items, _ = _images(SIZE, 2)
     return a.to(DEVICE), b.to(DEVICE), [(x.to(DEVICE), y.to(DEVICE), l) for x, y, l in items]
 
 
@@ -34,7 +37,7 @@ def test_naive_loop(benchmark, setup):
     benchmark.pedantic(reference_attribute, args=(a, b, items, STEPS), rounds=1, iterations=1)
 
 
-@pytest.mark.parametrize("strategy", ["loop", "vmap", "linear"])
+@pytest.mark.parametrize("strategy", ["loop", "vmap", "linear", "persample"])
 def test_engine(benchmark, setup, strategy):
     a, b, items = setup
     benchmark.pedantic(attribute, args=(a, b, items), kwargs={"steps": STEPS, "strategy": strategy},

@@ -1,7 +1,8 @@
 """pytest-benchmark timings of the per-filter reduction backends at MSRResNet 16x64 size.
 
 151,936 filters of 3x3 (P = 1,367,424) for a batch of B = 4 images, on CUDA when available, else CPU.
-Run: ``.venv/bin/python -m pytest benchmarks/bench_reduction.py`` (``--benchmark-disable`` for a smoke run).
+Run: ``.venv/bin/python -m pytest benchmarks/bench_reduction.py`` (``--benchmark-disable`` for a smoke run
+that calls each case once); ``pytest.ini`` makes pytest collect the ``bench_*.py`` files.
 Triton on CPU tensors would time Triton's interpreter, so it is only benchmarked on GPU.
 """
 from __future__ import annotations
@@ -11,21 +12,17 @@ import torch
 
 from faig_fast.ops import reduction as red
 from faig_fast.ops.linear_path import linear_path_combine
+from faig_fast.utils.device import sync
 
 N_FILTERS, KK, BATCH, N_LABELS = 151_936, 9, 4, 3
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _backends() -> list[str]:
-    found = red.available_backends()
+    found = red.available_backends(build=True)  # the C++ extension is timed too, so build it first
     if DEVICE.type == "cpu":
         return [b for b in found if b in ("torch", "cpp")]
     return [b for b in found if b in ("torch", "cuda", "triton")]
-
-
-def _sync() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +42,7 @@ def test_filter_abs_sum(benchmark, data, backend):
 
     def run():
         out = red.filter_abs_sum(delta, grads, KK, backend=backend)
-        _sync()
+        sync(DEVICE)
         return out
 
     out = benchmark(run)
@@ -59,7 +56,7 @@ def test_filter_abs_sum_accumulate(benchmark, data, backend):
 
     def run():
         out = red.filter_abs_sum_accumulate(delta, grads, KK, labels, sums, backend=backend)
-        _sync()
+        sync(DEVICE)
         return out
 
     out = benchmark(run)
@@ -76,7 +73,7 @@ def test_linear_path_combine(benchmark, backend):
     def run():
         with torch.no_grad():
             out = linear_path_combine(a, b, alpha, bias, 0.1, backend=backend)
-        _sync()
+        sync(DEVICE)
         return out
 
     benchmark(run)

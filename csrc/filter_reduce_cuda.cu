@@ -16,12 +16,15 @@
 namespace {
 
 constexpr int kThreads = 256;
+// 6 resident blocks of 256 threads per SM (75% occupancy) let ptxas use up to 40 registers; without the
+// hint it capped them at 32 and the fp64 kTPF=2 kernels spilled (faig info --kernels sm_90 --nvcc).
+constexpr int kMinBlocksPerSM = 6;
 
 __device__ __forceinline__ float abs_val(float x) { return fabsf(x); }
 __device__ __forceinline__ double abs_val(double x) { return fabs(x); }
 
 template <typename scalar_t, int kTPF, bool kAccumulate>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
     filter_abs_sum_kernel(const scalar_t* __restrict__ delta, const scalar_t* __restrict__ grads,
                           int64_t grads_stride, scalar_t* __restrict__ out, const int64_t* __restrict__ labels,
                           scalar_t* __restrict__ sums, int64_t B, int64_t F, int64_t kk, int64_t D,

@@ -5,11 +5,12 @@
 """
 __version__ = "0.1.0"
 
-from faig_fast.errors import CheckpointError, FAIGError, InvalidInputError, ModelMismatchError
+from faig_fast.errors import (CheckpointError, CompletenessWarning, FAIGError, InvalidInputError,
+                              ModelMismatchError)
 from faig_fast.core.attribution import Attribution, jaccard, read_index_file, write_index_file
 from faig_fast.core.api import attribute
 
 __all__ = [
     "attribute", "Attribution", "jaccard", "read_index_file", "write_index_file",
-    "FAIGError", "ModelMismatchError", "InvalidInputError", "CheckpointError", "__version__",
+    "FAIGError", "ModelMismatchError", "CompletenessWarning", "InvalidInputError", "CheckpointError", "__version__",
 ]

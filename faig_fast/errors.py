@@ -16,3 +16,9 @@ class InvalidInputError(FAIGError):
 
 class CheckpointError(FAIGError):
     """A checkpoint file is missing, corrupt or of an unknown layout."""
+
+
+class CompletenessWarning(UserWarning):
+    """The path integral does not add up to the loss change (Eq. 4) by more than the quadrature rule
+    explains: the model probably changes state between forward passes (in-place input edits, call
+    counters, randomness), so the scores may be wrong."""

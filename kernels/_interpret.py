@@ -1,7 +1,27 @@
-"""Run a ``@triton.jit`` kernel through Triton's interpreter on CPU tensors (TRITON_INTERPRET=1)."""
+"""The one home of the Triton-interpreter helpers (``TRITON_INTERPRET=1``).
+
+Importing this module does not import triton, so the dispatch code in :mod:`faig_fast.ops` can ask
+"would Triton run through its interpreter here?" without paying for (or failing on) a triton import.
+"""
 from __future__ import annotations
 
+import os
+
+import torch
+
+__all__ = ["interpret_enabled", "interpreting", "interpreted"]
+
 _cache: dict[int, object] = {}
+
+
+def interpret_enabled() -> bool:
+    """Whether ``TRITON_INTERPRET=1`` asks Triton to run kernels through its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def interpreting(device: torch.device) -> bool:
+    """Whether launches on ``device`` go through the interpreter (always for CPU tensors)."""
+    return device.type == "cpu" or interpret_enabled()
 
 
 def interpreted(kernel):

@@ -9,22 +9,16 @@ kernels run through Triton's interpreter with one fixed configuration; on GPU a 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from faig_fast.kernels._interpret import interpreted
+from faig_fast.kernels._interpret import interpreted, interpreting
 
-__all__ = ["filter_abs_sum", "filter_abs_sum_accumulate", "interpreting"]
+__all__ = ["filter_abs_sum", "filter_abs_sum_accumulate"]
 
 _INTERPRET_CONFIG = {"BLOCK_F": 64}
 
-
-def interpreting(device: torch.device) -> bool:
-    """Whether launches on ``device`` go through the Triton interpreter."""
-    return device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -74,12 +68,29 @@ def _filter_abs_sum_kernel(delta_ptr, grads_ptr, out_ptr, labels_ptr, sums_ptr,
 
 _GPU_CONFIGS = [
     triton.Config({"BLOCK_F": bf}, num_warps=nw)
-    for bf, nw in ((32, 2), (64, 4), (128, 4), (256, 8))
+    for bf, nw in ((16, 4), (32, 2), (64, 4), (128, 8), (256, 8))
 ]
+# Each thread holds BLOCK_F * KK_PAD / (32 * num_warps) elements of delta and of grads: above 32 the
+# kernel spills registers (seen with `faig info --kernels sm_80,sm_90 --full`: kk = 49 at BLOCK_F = 256).
+_MAX_ELEMS_PER_THREAD = 32
+
+
+def configs_for(kk_pad: int, configs=None) -> list:
+    """The autotune configs that keep at most 32 elements per thread at this padded kernel area."""
+    configs = _GPU_CONFIGS if configs is None else configs
+    kept = [c for c in configs if c.kwargs["BLOCK_F"] * kk_pad <= _MAX_ELEMS_PER_THREAD * 32 * c.num_warps]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_F"] / c.num_warps)]
+
+
+def _prune(configs, named_args, **kwargs):
+    return configs_for(kwargs.get("KK_PAD", named_args.get("KK_PAD")), configs)
+
 
 # restore_value: the autotuner's trial launches must not leave their atomic adds in ``sums``.
 _filter_abs_sum_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["F", "KK_PAD", "ACCUMULATE"],
+                                        prune_configs_by={"early_config_prune": _prune},
                                         restore_value=["sums_ptr"])(_filter_abs_sum_kernel)
+
 
 def _interpreted_kernel():
     return interpreted(_filter_abs_sum_kernel)
@@ -130,3 +141,44 @@ def filter_abs_sum_accumulate(delta: torch.Tensor, grads: torch.Tensor, kk: int,
     ``sums`` must be contiguous with the dtype of ``grads``; ``label_idx`` int64 in ``[0, D)``.
     """
     return _launch(delta, grads, kk, scale, label_idx.contiguous(), sums)
+
+
+# --------------------------------------------------------------------------- ahead-of-time checks
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def aot_variants(full: bool = False) -> list[tuple[str, dict, dict]]:
+    """(label, signature, constexprs) of the specialisations :mod:`faig_fast.ops.aot` compiles.
+
+    The quick set covers every code path of the kernel (fp32/fp64/bf16 accumulation, atomic and
+    read-modify-write sums, kk = 1 and a padded kk); ``full`` adds fp16, more kernel areas and
+    64-bit strides.  Each is compiled with every autotune config the autotuner keeps for it
+    (:func:`aot_configs`).
+    """
+    if full:
+        cases = [(dt, acc, kk, idx) for dt in _TRITON_TYPES for acc in (False, True) for kk in (1, 9, 25, 49, 81)
+                 for idx in ("i32", "i64")]
+    else:
+        cases = [(torch.float32, True, 9, "i32"), (torch.float32, False, 9, "i32"), (torch.float32, True, 1, "i32"),
+                 (torch.float32, True, 49, "i32"),
+                 (torch.bfloat16, True, 9, "i32"), (torch.float64, True, 9, "i32")]
+    out = []
+    for dtype, acc, kk, idx in cases:
+        t = _TRITON_TYPES[dtype]
+        sig = {"delta_ptr": f"*{t}", "grads_ptr": f"*{t}", "out_ptr": f"*{t}", "labels_ptr": "*i64",
+               "sums_ptr": f"*{t}", "B": "i32", "F": "i32", "stride_gb": idx, "scale_hi": "fp32",
+               "scale_lo": "fp32"}
+        const = dict(KK=kk, KK_PAD=triton.next_power_of_2(kk), ACCUMULATE=acc, ATOMIC=dtype != torch.bfloat16,
+                     ACC_FP64=dtype == torch.float64)
+        out.append((f"{t} kk={kk}{' acc' if acc else ''}{' i64' if idx == 'i64' else ''}", sig, const))
+    return out
+
+
+def aot_configs(constexprs: dict) -> list:
+    """The autotune configs the autotuner would try for this specialisation."""
+    return configs_for(constexprs["KK_PAD"])
+
+
+AOT_KERNEL = _filter_abs_sum_kernel
+AUTOTUNE_CONFIGS = _GPU_CONFIGS

@@ -8,22 +8,16 @@ long as each sample's (C, *spatial) block is contiguous.  Forward only: no autog
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from faig_fast.kernels._interpret import interpreted
+from faig_fast.kernels._interpret import interpreted, interpreting
 
-__all__ = ["linear_path_combine", "interpreting"]
+__all__ = ["linear_path_combine"]
 
 _INTERPRET_BLOCK = 1024
 
-
-def interpreting(device: torch.device) -> bool:
-    """Whether launches on ``device`` go through the Triton interpreter."""
-    return device.type == "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -57,10 +51,9 @@ def _linear_path_kernel(a_ptr, b_ptr, alpha_ptr, bias_ptr, out_ptr,
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_linear_path_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK": bs}, num_warps=nw) for bs, nw in ((512, 4), (1024, 4), (2048, 8))],
-    key=["C", "HW", "HAS_BIAS", "ACTIVATION"],
-)(_linear_path_kernel)
+AUTOTUNE_CONFIGS = [triton.Config({"BLOCK": bs}, num_warps=nw) for bs, nw in ((512, 4), (1024, 4), (2048, 8))]
+_linear_path_tuned = triton.autotune(configs=AUTOTUNE_CONFIGS,
+                                     key=["C", "HW", "HAS_BIAS", "ACTIVATION"])(_linear_path_kernel)
 
 def _interpreted_kernel():
     return interpreted(_linear_path_kernel)
@@ -100,3 +93,36 @@ def linear_path_combine(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor, b
         with torch.cuda.device(a.device):
             _linear_path_tuned[lambda m: (triton.cdiv(total, m["BLOCK"]),)](*args, **meta)
     return out
+
+
+# --------------------------------------------------------------------------- ahead-of-time checks
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def aot_variants(full: bool = False) -> list[tuple[str, dict, dict]]:
+    """(label, signature, constexprs) of the specialisations :mod:`faig_fast.ops.aot` compiles.
+
+    The quick set covers fp32 with per-channel bias and LeakyReLU, per-sample bias, and fp64; ``full``
+    adds bf16/fp16, no bias / no activation and 64-bit sizes.  Each is compiled with every autotune
+    config (:data:`AUTOTUNE_CONFIGS`).
+    """
+    if full:
+        cases = [(dt, bias, act, idx) for dt in _TRITON_TYPES for bias in ("none", "channel", "sample")
+                 for act in (False, True) for idx in ("i32", "i64")]
+    else:
+        cases = [(torch.float32, "channel", True, "i32"), (torch.float32, "sample", False, "i32"),
+                 (torch.float64, "channel", True, "i32")]
+    out = []
+    for dtype, bias, act, idx in cases:
+        t = _TRITON_TYPES[dtype]
+        sig = {"a_ptr": f"*{t}", "b_ptr": f"*{t}", "alpha_ptr": f"*{t}", "bias_ptr": f"*{t}", "out_ptr": f"*{t}",
+               "N": "i32", "C": "i32", "HW": "i32", "total": idx, "stride_an": idx, "stride_bn": idx,
+               "negative_slope": "fp32"}
+        const = dict(HAS_BIAS=bias != "none", BIAS_PER_SAMPLE=bias == "sample", ACTIVATION=act,
+                     ACC_FP64=dtype == torch.float64)
+        out.append((f"{t} bias={bias}{' act' if act else ''}{' i64' if idx == 'i64' else ''}", sig, const))
+    return out
+
+
+AOT_KERNEL = _linear_path_kernel

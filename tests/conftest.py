@@ -1,10 +1,16 @@
 """Shared fixtures: tiny model pairs and images that make FAIG tests fast on 2 CPU cores."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Tests that parametrize the Triton backend run its kernels through Triton's CPU interpreter when
+# there is no GPU, also from a plain `pytest` (not only `make test`): set it before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch.nn.functional as F
 from torch import nn
 

@@ -99,9 +99,9 @@ def test_mask_none_is_target_all_is_baseline(models):
     x = items()[0][0][None]
     n = len(FilterIndex.from_model(b))
     with torch.no_grad():
-        assert torch.equal(M.mask_filters(b, a, [])(x), b(x))
-        assert torch.equal(M.mask_filters(b, a, torch.arange(n))(x), a(x))
-    one = M.mask_filters(b, a, [5])
+        assert torch.equal(M.mask_filters(a, b, [])(x), b(x))
+        assert torch.equal(M.mask_filters(a, b, torch.arange(n))(x), a(x))
+    one = M.mask_filters(a, b, [5])
     w_b, w_a, w_m = (m.state_dict()["conv_first.weight"] for m in (b, a, one))
     assert torch.equal(w_m[1, 2], w_a[1, 2])  # filter 5 = (out 1, in 2) of conv_first (3 inputs)
     w_m2 = w_m.clone()
@@ -128,15 +128,55 @@ def test_masking_curve_and_table(models):
     lqs = [it[0] for it in items()]
     n = len(FilterIndex.from_model(b))
     rank = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    curve = M.masking_curve(b, a, rank, lqs, [0.0, 0.01, 1.0])
+    curve = M.masking_curve(a, b, rank, lqs, [0.0, 0.01, 1.0])
     assert curve[0] == 0.0 and curve[2] > 0
     ranks = lambda s: {"faig": {"blur": rank, "noise": rank.flip(0)},  # noqa: E731
                        "random": {d: B.rankings("random", d, num_filters=n, seed=s) for d in ("blur", "noise")}}
-    tab = M.masking_table(b, a, ranks, images(2), seeds=(0, 1), fractions=(0.01, 0.05))
+    tab = M.masking_table(a, b, ranks, images(2), seeds=(0, 1), fractions=(0.01, 0.05))
     assert tab["methods"] == ["faig", "random"]
     assert len(tab["values"]["noise"]["blur"]["faig"]) == 2  # seeds
     assert len(tab["mean"]["blur"]["noise"]["random"]) == 2  # fractions
     assert tab["std"]["blur"]["blur"]["faig"][0] == pytest.approx(0.0, abs=1e-12)  # blur inputs don't vary
+
+
+def test_analyses_take_the_pair_in_attribute_order(models):
+    """Every analysis takes (baseline, target), as faig_fast.attribute does: same parameter names,
+    and swapping the models changes the answer (masking nothing leaves the *target*)."""
+    import inspect
+
+    for fn in (M.mask_filters, M.masking_curve, M.masking_table, MOD.modulate, MOD.modulation_strip):
+        assert list(inspect.signature(fn).parameters)[:2] == ["baseline", "target"], fn.__name__
+    a, b = models
+    lqs = [it[0] for it in items()][:2]
+    n = len(FilterIndex.from_model(b))
+    rank = torch.arange(n)
+    with torch.no_grad():
+        ref_b = [b(x[None]) for x in lqs]
+    # half the filters masked: measured against the *target's* outputs, on the target with the
+    # baseline's filters (a swapped pair would measure the baseline with the target's filters)
+    half = M.masking_curve(a, b, rank, lqs, [0.5])[0]
+    with torch.no_grad():
+        masked = M.mask_filters(a, b, rank[: n // 2])
+        expect = sum(M.gradient_map_mse(masked(x[None]), r, True) for x, r in zip(lqs, ref_b)) / len(lqs)
+        swapped_masked = M.mask_filters(b, a, rank[: n // 2])
+        swapped = sum(M.gradient_map_mse(swapped_masked(x[None]), a(x[None]), True) for x in lqs) / len(lqs)
+    assert half == pytest.approx(expect, rel=1e-12) and half > 0
+    assert abs(half - swapped) > 1e-6 * half
+    tab = M.masking_table(a, b, {"faig": {"blur": rank}}, images(1), seeds=(0,), fractions=(0.5,), inputs=("noise",))
+    lq_noise = M.degraded_inputs(images(1), ("noise",), scale=2, seed=0)["noise"]
+    assert tab["mean"]["noise"]["blur"]["faig"][0] == pytest.approx(
+        M.masking_curve(a, b, rank, lq_noise, [0.5])[0], rel=1e-12)
+
+
+def test_display_names_have_one_home():
+    from faig_fast.analyses import names as N
+
+    assert N.method_name("weight_change", markdown=True, capital=True) == "\\|θ−θ̄\\|"
+    assert N.method_name("random", capital=True) == "Random" and N.method_name("faig", capital=True) == "FAIG"
+    assert N.input_name("blur", noun=True) == "blurry input" and N.input_name("noise", capital=True) == "Noisy"
+    assert N.filter_set_name("noise") == "denoising" and N.filter_set_name("other") == "other"
+    for module in (FIG, M):
+        assert not any(k.endswith("_NAMES") or k == "FILTER_SETS" for k in vars(module)), module.__name__
 
 
 # ----------------------------------------------------------------------------------- prediction
@@ -196,7 +236,7 @@ def test_modulate_endpoints(models):
     idx = torch.tensor([0, 100, 1500, 2399])
     with torch.no_grad():
         assert torch.equal(MOD.modulate(a, b, idx, 1.0)(x), b(x))
-        assert torch.equal(MOD.modulate(a, b, idx, 0.0)(x), M.mask_filters(b, a, idx)(x))
+        assert torch.equal(MOD.modulate(a, b, idx, 0.0)(x), M.mask_filters(a, b, idx)(x))
         assert torch.equal(MOD.modulate(a, b, idx, 0.0, elsewhere="baseline")(x), a(x))
     half = MOD.modulate(a, b, idx, 0.5).state_dict()["conv_first.weight"]
     expect = 0.5 * (a.state_dict()["conv_first.weight"][0, 0] + b.state_dict()["conv_first.weight"][0, 0])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -35,7 +36,8 @@ def test_attribute_equals_reference(strategy, method):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
 def test_device_accumulation_equals_per_image_sums(dtype, backend, monkeypatch):
-    """Without keep_per_image the fused reduce-and-accumulate kernel sums each degradation on the device."""
+    """The fused reduce-and-accumulate kernel sums each degradation on the device; the per-image scores
+    kept on request add up to the same sums, and keeping them does not change the sums."""
     from faig_fast.core import api
 
     calls = []
@@ -45,15 +47,35 @@ def test_device_accumulation_equals_per_image_sums(dtype, backend, monkeypatch):
     lq, gt = make_images(4, dtype=dtype)
     batched = [(lq[:3], gt[:3], ["noise", "blur", "noise"]), (lq[3], gt[3], "clean")]
     kw = dict(steps=3, strategy="vmap", backend=backend, precision="fp64" if dtype == torch.float64 else "fp32")
-    host = attribute(a, b, batched, keep_per_image=True, **kw)
-    assert not calls
+    kept = attribute(a, b, batched, keep_per_image=True, **kw)
+    assert calls
     dev = attribute(a, b, batched, **kw)
-    assert calls and dev.counts == host.counts == {"noise": 2, "blur": 1, "clean": 1}
-    assert dev.image_labels == host.image_labels
+    assert dev.counts == kept.counts == {"noise": 2, "blur": 1, "clean": 1}
+    assert dev.image_labels == kept.image_labels == ["noise", "blur", "noise", "clean"]
+    assert not dev.image_scores and len(kept.image_scores) == 4
     tol = dict(rtol=1e-12, atol=0) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-9)
-    for label in host.labels:
-        torch.testing.assert_close(dev.sums[label], host.sums[label], **tol)
+    for label in kept.labels:
+        assert torch.equal(dev.sums[label], kept.sums[label])
+        per_image = sum(s for s, l in zip(kept.image_scores, kept.image_labels) if l == label)
+        torch.testing.assert_close(dev.sums[label], per_image, **tol)
         assert dev.sums[label].dtype == torch.float64 and dev.sums[label].device.type == "cpu"
+
+
+@pytest.mark.parametrize("internal_batch_size", [1, 2, None])
+def test_label_sums_with_internal_batch_chunks(internal_batch_size):
+    """Mixed labels in one batch, cut into chunks of internal_batch_size images: every label's device sum
+    equals the sum of the reference's per-image scores of that label."""
+    a, b = make_pair()
+    lq, gt = make_images(5)
+    labels = ["noise", "blur", "noise", "clean", "noise"]
+    ref = reference_attribute(a, b, [(lq[i], gt[i], labels[i]) for i in range(5)], steps=3, keep_per_image=True)
+    for strategy in ("vmap", "loop"):
+        got = attribute(a, b, [(lq, gt, labels)], steps=3, strategy=strategy, precision="fp64",
+                        internal_batch_size=internal_batch_size)
+        assert got.counts == {"noise": 3, "blur": 1, "clean": 1}
+        for label in ("noise", "blur", "clean"):
+            expect = sum(s for s, l in zip(ref.image_scores, labels) if l == label)
+            torch.testing.assert_close(got.sums[label], expect, rtol=1e-9, atol=1e-12)
 
 
 def test_vmap_batches_images_of_equal_size():
@@ -175,14 +197,31 @@ def test_wrong_scale(pair):
 @pytest.mark.parametrize("mutate, match", [
     (lambda lq: lq * 3, r"\[0, 1\]"),
     (lambda lq: lq.masked_fill(lq > 0.5, float("nan")), "NaN"),
-    (lambda lq: lq[:, :1], "3 \\(RGB\\) channels"),
+    (lambda lq: lq[:, :1], "cannot run on lq of shape \\(1, 6, 6\\)"),
     (lambda lq: (lq * 255).to(torch.uint8), "float"),
     (lambda lq: lq.numpy(), "torch.Tensor"),
+    (lambda lq: lq[..., :0], "empty"),
 ])
 def test_bad_images(pair, mutate, match):
     lq, gt = make_images(1)
-    with pytest.raises(InvalidInputError, match=match):
+    with pytest.raises(InvalidInputError, match=f"batch 0: .*{match}"):
         attribute(*pair, [(mutate(lq), gt, "blur")], steps=2)
+
+
+def test_gt_channels_must_match_the_output(pair):
+    lq, gt = make_images(1)
+    with pytest.raises(InvalidInputError, match=r"batch 0: .*output of shape \(3, 12, 12\).*gt has shape \(1, 12, 12\)"):
+        attribute(*pair, [(lq, gt[:, :1], "blur")], steps=2)
+    with pytest.raises(InvalidInputError, match="batch 1: lq/gt have 3/1 channels but the first batch had 3/3"):
+        attribute(*pair, [(lq, gt, "blur"), (lq, gt[:, :1], "blur")], steps=2)
+
+
+def test_names_must_match_the_batch(pair):
+    lq, gt = make_images(3)
+    with pytest.raises(InvalidInputError, match="batch 0: 2 names for 3 images"):
+        attribute(*pair, [{"lq": lq, "gt": gt, "label": ["blur"] * 3, "name": ["x", "y"]}], steps=2)
+    with pytest.raises(InvalidInputError, match="batch 0: 4 names for 3 images"):
+        attribute(*pair, [(lq, gt, ["blur"] * 3, ["w", "x", "y", "z"])], steps=2)
 
 
 def test_bad_labels(pair):
@@ -243,3 +282,238 @@ def test_fused_triton_epilogue_matches_torch(monkeypatch):
     torch.testing.assert_close(outs[0], outs[1])
     for g0, g1 in zip(*grads):
         torch.testing.assert_close(g0, g1, rtol=1e-5, atol=1e-5)
+
+
+# any restoration network: channels, scale 1, inferred scale ------------------------------------
+
+def _perturbed_pair(cls, seed: int = 0, noise: float = 0.05, **kw):
+    torch.manual_seed(seed)
+    a = cls(**kw).double().eval()
+    b = cls(**kw).double().eval()
+    b.load_state_dict({k: v + noise * torch.randn_like(v) if v.is_floating_point() else v
+                       for k, v in a.state_dict().items()})
+    return a, b
+
+
+class GrayDenoiser(nn.Module):
+    """DnCNN-style: one channel in and out, scale 1 (declared nowhere), residual learning."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 3, padding=1))
+
+    def forward(self, x):
+        return x - self.body(x)
+
+
+class NoiseMapSR(nn.Module):
+    """×2 SR taking RGB plus a noise-level map (4 channels in, 3 out), FFDNet-style."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = 2
+        self.head = nn.Conv2d(4, 4, 3, padding=1)
+        self.tail = nn.Conv2d(4, 12, 3, padding=1)
+        self.shuffle = nn.PixelShuffle(2)
+
+    def forward(self, x):
+        return self.shuffle(self.tail(torch.relu(self.head(x))))
+
+
+class PaddedX3(nn.Module):
+    """×3 SR without a scale attribute that pads its input to a multiple of 4 and crops the output back."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 27, 3, padding=1)
+        self.shuffle = nn.PixelShuffle(3)
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        x = torch.nn.functional.pad(x, (0, -w % 4, 0, -h % 4), mode="reflect")
+        return self.shuffle(self.conv(x))[..., : 3 * h, : 3 * w]
+
+
+def _assert_equals_reference(a, b, data, steps=4, **kw):
+    ref = reference_attribute(a, b, data, steps=steps, keep_per_image=True)
+    got = attribute(a, b, data, steps=steps, precision="fp64", keep_per_image=True, **kw)
+    assert got.counts == ref.counts
+    for x, y in zip(got.image_scores, ref.image_scores):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
+    for label in ref.labels:
+        torch.testing.assert_close(got.sums[label], ref.sums[label], rtol=1e-9, atol=1e-12)
+    return got
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap", "linear"])
+def test_grayscale_scale1_denoiser(strategy):
+    a, b = _perturbed_pair(GrayDenoiser)
+    g = torch.Generator().manual_seed(0)
+    gt = torch.rand(3, 1, 8, 8, generator=g, dtype=torch.float64)
+    lq = (gt + 0.1 * torch.randn(gt.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    data = [(lq[i], gt[i], ("noise", "clean", "noise")[i]) for i in range(3)]
+    got = _assert_equals_reference(a, b, data, strategy=strategy)
+    assert got.meta["scale"] == 1
+
+
+def test_four_channel_input_model():
+    a, b = _perturbed_pair(NoiseMapSR)
+    lq, gt = make_images(3)
+    noise_map = torch.full_like(lq[:, :1], 0.1)
+    data = [(torch.cat([lq[i], noise_map[i]]), gt[i], "noise") for i in range(3)]
+    got = _assert_equals_reference(a, b, data, strategy="vmap")
+    assert got.meta["scale"] == 2
+    with pytest.raises(InvalidInputError, match="batch 0: the model cannot run on lq of shape \\(3, 6, 6\\)"):
+        attribute(a, b, [(lq[0], gt[0], "noise")], steps=2)
+
+
+def test_scale_inferred_from_one_output():
+    a, b = _perturbed_pair(PaddedX3)
+    g = torch.Generator().manual_seed(0)
+    gt = torch.rand(2, 3, 15, 15, generator=g, dtype=torch.float64)
+    lq = torch.nn.functional.avg_pool2d(gt, 3)  # 5x5: the model pads it to 8x8 inside
+    got = _assert_equals_reference(a, b, [(lq, gt, ["blur", "noise"])], strategy="loop")
+    assert got.meta["scale"] == 3
+    with pytest.raises(InvalidInputError, match="batch 0: gt size 10x10 is not lq size 5x5 times the model scale 3"):
+        attribute(a, b, [(lq, gt[..., :10, :10], ["blur", "noise"])], steps=2)
+    with pytest.raises(InvalidInputError, match="batch 1: gt size 12x12 is not lq size 5x5 times the model scale 3"):
+        attribute(a, b, [(lq, gt, ["blur", "noise"]), (lq, gt[..., :12, :12].contiguous(), ["blur", "noise"])],
+                  steps=2)
+
+
+def test_scale_that_is_not_an_integer_is_refused():
+    torch.manual_seed(0)
+    a, b = nn.Sequential(nn.Conv2d(3, 3, 3)).double(), nn.Sequential(nn.Conv2d(3, 3, 3)).double()  # 6x6 -> 4x4
+    lq, gt = make_images(1, scale=1)
+    with pytest.raises(InvalidInputError, match="batch 0: cannot infer the model's scale: an input of 6x6 gives an "
+                                                "output of 4x4"):
+        attribute(a, b, [(lq, gt, "blur")], steps=2)
+
+
+# the completeness guard (Eq. 4) ------------------------------------------------------------------
+
+class CompoundingInput(nn.Module):
+    """TinySR whose input is scaled by 2 on every call: what an engine that handed one tensor to every
+    pass of a model doing ``x.mul_(2)`` in forward would compute (the hidden state lives in ``calls``)."""
+
+    def __init__(self):
+        super().__init__()
+        from conftest import TinySR
+
+        self.sr = TinySR()
+        self.upscale = 2
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.sr(x * 2.0 ** self.calls)
+
+
+@pytest.mark.parametrize("steps", [8, 16])
+@pytest.mark.parametrize("method", ["riemann_left", "gausslegendre"])
+def test_completeness_guard_quiet_on_a_normal_pair(steps, method):
+    from faig_fast.errors import CompletenessWarning
+
+    a, b = make_pair()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompletenessWarning)
+        res = attribute(a, b, make_loader(("blur", "noise", "blur", "noise")), steps=steps, method=method)
+    report = res.meta["completeness"]
+    every = math.ceil(20 / steps)
+    assert report["every"] == every and report["flagged"] == 0
+    assert report["images"] == [f"image{i}" for i in range(0, 4, every)]
+    assert len(report["delta"]) == report["checked"] == len(range(0, 4, every))
+    assert max(report["error"]) < report["tolerance"] / 2
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("steps", [8, 16])
+def test_completeness_guard_trips_on_a_model_that_changes_between_passes(strategy, steps):
+    from faig_fast.errors import CompletenessWarning
+
+    a, b = _perturbed_pair(CompoundingInput)
+    with pytest.warns(CompletenessWarning, match="completeness check failed on 1 of 1 checked images: on 'image0'"):
+        res = attribute(a, b, make_loader(("blur",)), steps=steps, strategy=strategy)
+    assert res.meta["completeness"]["flagged"] == 1 and res.meta["completeness"]["error"][0] > 0.75
+
+
+def test_completeness_guard_costs_at_most_five_percent():
+    """Counted forward calls: the check adds 2 per checked image, ≤ 5 % of 2·steps per image (+ the first)."""
+    a, b = make_pair()
+    calls = []
+    b.register_forward_pre_hook(lambda m, x: calls.append(1))
+    data = make_loader(("blur", "noise") * 6)
+    counts = {}
+    for on in (False, True):
+        calls.clear()
+        res = attribute(a, b, data, steps=8, strategy="loop", check_completeness=on)
+        counts[on] = len(calls)
+    checked = res.meta["completeness"]["checked"]
+    assert checked == 4  # images 0, 3, 6, 9
+    assert counts[True] - counts[False] == 2 * checked
+    assert 2 * checked <= 0.05 * (2 * 8 * 12)
+
+
+def test_completeness_guard_skips_what_it_cannot_check():
+    a, b = make_pair()
+    assert attribute(a, b, make_loader(), steps=8, check_completeness=False).meta["completeness"] == {
+        "checked": 0, "skipped": "check_completeness=False"}
+    assert "too coarse" in attribute(a, b, make_loader(), steps=2).meta["completeness"]["skipped"]
+    res = attribute(a, b, make_loader(), steps=8, return_convergence_delta=True)
+    assert len(res.convergence_delta) == 3 and res.meta["completeness"]["delta"] == res.convergence_delta
+
+
+# filters and mode ---------------------------------------------------------------------------------
+
+class ConvLinear(nn.Module):
+    """A conv, then a Linear mixing channels at every pixel (as transformer blocks do), scale 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.mix = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.mix(torch.relu(self.conv(x)).permute(0, 2, 3, 1)).permute(0, 3, 1, 2) + x
+
+
+def test_filters_conv_plus_linear_equals_reference():
+    a, b = _perturbed_pair(ConvLinear)
+    lq, _ = make_images(2)
+    data = [(lq[i], lq[i].flip(-1), "blur") for i in range(2)]
+    ref = reference_attribute(a, b, data, steps=3, filters="conv+linear", keep_per_image=True)
+    got = attribute(a, b, data, steps=3, precision="fp64", filters="conv+linear", keep_per_image=True)
+    conv_only = attribute(a, b, data, steps=3, precision="fp64")
+    assert len(got.index) == len(conv_only.index) + 12 and got.meta["filters"] == "conv+linear"
+    for x, y in zip(got.image_scores, ref.image_scores):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got.sums["blur"][: len(conv_only.index)], conv_only.sums["blur"], rtol=1e-12, atol=0)
+
+
+def test_mode_reaches_the_engine():
+    """BatchNorm in train mode uses batch statistics: mode='train' must differ from 'eval' and equal the
+    reference loop run in train mode."""
+    class BN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.bn(self.conv(x))
+
+    a, b = _perturbed_pair(BN)
+    lq, _ = make_images(2)
+    data = [(lq[i], lq[i].flip(-1), "blur") for i in range(2)]
+    ref = reference_attribute(a, b, data, steps=3, mode="train")
+    got = attribute(a, b, data, steps=3, precision="fp64", mode="train")
+    assert got.meta["mode"] == "train"
+    torch.testing.assert_close(got.sums["blur"], ref.sums["blur"], rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(attribute(a, b, data, steps=3, precision="fp64").sums["blur"], ref.sums["blur"])
+
+
+def test_unknown_filters_and_mode(pair):
+    with pytest.raises(InvalidInputError, match="filters must be one of .*got 'linear'"):
+        attribute(*pair, make_loader(), steps=2, filters="linear")
+    with pytest.raises(InvalidInputError, match="unknown mode 'inference'"):
+        attribute(*pair, make_loader(), steps=2, mode="inference")

@@ -64,6 +64,31 @@ def test_read_gray_becomes_rgb(tmp_path: Path) -> None:
         np.testing.assert_allclose(t[c].numpy(), arr / 255, atol=1e-7)
 
 
+def test_read_gray_as_one_channel(tmp_path: Path) -> None:
+    arr = rgb_array(6, 4)[:, :, 0]
+    Image.fromarray(arr, mode="L").save(tmp_path / "g.png")
+    t = read_image(tmp_path / "g.png", channels=1)
+    assert t.shape == (1, 6, 4) and t.dtype == torch.float32
+    np.testing.assert_allclose(t[0].numpy(), arr / 255, atol=1e-7)
+    arr16 = np.array([[0, 1000, 65535], [32768, 12345, 40000]], dtype=np.uint16)
+    Image.fromarray(arr16).save(tmp_path / "d.png")
+    np.testing.assert_allclose(read_image(tmp_path / "d.png", channels=1)[0].numpy(), arr16 / 65535, atol=1e-7)
+
+
+def test_read_rgb_as_luma(tmp_path: Path) -> None:
+    import cv2
+
+    arr = write_rgb(tmp_path / "x.png", 5, 7)
+    t = read_image(tmp_path / "x.png", channels=1)
+    assert t.shape == (1, 5, 7)
+    np.testing.assert_allclose(t[0].numpy(), (arr / 255) @ np.array([0.299, 0.587, 0.114]), atol=1e-6)
+    # OpenCV's 8-bit conversion is the same luma, rounded to 8-bit levels
+    np.testing.assert_allclose(t[0].numpy(), cv2.cvtColor(arr, cv2.COLOR_RGB2GRAY) / 255, atol=0.5 / 255 + 1e-6)
+    for bad in (2, 4, 0, True):
+        with pytest.raises(InvalidInputError, match="channels must be 1 \\(grayscale\\) or 3 \\(RGB\\)"):
+            read_image(tmp_path / "x.png", channels=bad)
+
+
 def test_read_rgba_drops_alpha(tmp_path: Path) -> None:
     rgba = np.concatenate([rgb_array(4, 5), np.full((4, 5, 1), 7, np.uint8)], axis=2)
     Image.fromarray(rgba, mode="RGBA").save(tmp_path / "a.png")
@@ -166,6 +191,29 @@ def test_dataset_crop() -> None:
     assert torch.equal(gt, img[:, 10:30, 14:34])
     small = DegradedImageDataset([(name, img)], ("clean",), scale=2, crop=64)
     assert small[0][1].shape == (3, 40, 50)
+
+
+def test_dataset_grayscale_scale_1(folder: Path) -> None:
+    """Denoising data: 1-channel GT (BT.601 luma of the RGB files), LQ of the same size."""
+    ds = DegradedImageDataset(folder, ("clean", "noise", "blur"), scale=1, channels=1, seed=3)
+    assert ds.channels == 1 and len(ds) == 9
+    lq, gt, label = ds[4]
+    assert label == "noise" and gt.shape == lq.shape == (1, 20, 30)
+    assert ds[8][1].shape == (1, 17, 19) and ds.gt_size(8) == (17, 19)  # scale 1: no modcrop
+    np.testing.assert_allclose(gt[0].numpy(), (rgb_array(20, 30, seed=2) / 255) @ np.array([0.299, 0.587, 0.114]),
+                               atol=1e-6)
+    assert torch.equal(ds[3][0], make_degradation("clean", scale=1)(gt))  # 8-bit quantisation only
+    assert not torch.equal(lq, gt) and float((lq - gt).std()) > 0.05
+    # tensors: RGB ones become luma, gray ones stay; gray ones become RGB with channels=3
+    (name, rgb), = pairs((8, 8))
+    gray = DegradedImageDataset([(name, rgb)], ("clean",), scale=1, channels=1)[0][1]
+    torch.testing.assert_close(gray[0], (rgb * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0))
+    back = DegradedImageDataset([(name, gray)], ("clean",), scale=2)[0][1]
+    assert back.shape == (3, 8, 8) and torch.equal(back[0], back[2]) and torch.equal(back[1], gray[0])
+    with pytest.raises(InvalidInputError, match="channels must be 1"):
+        DegradedImageDataset(folder, channels=4)
+    with pytest.raises(InvalidInputError, match="1 \\(gray\\) or 3 \\(RGB\\) channels"):
+        DegradedImageDataset([("x", torch.rand(2, 4, 4))])
 
 
 def test_dataset_determinism(folder: Path) -> None:

@@ -44,8 +44,9 @@ def cv_down(hwc: np.ndarray, scale: int) -> np.ndarray:
 def cv_pipeline(hwc: np.ndarray, scale: int, blur_sigma: float | None, noise: np.ndarray | None) -> np.ndarray:
     x = hwc.astype(np.float32)
     if blur_sigma is not None:
-        x = cv_blur(x, blur_sigma)
-    x = cv_down(x, scale)
+        x = cv_blur(x, blur_sigma).reshape(hwc.shape)  # OpenCV drops a single channel's axis
+    if scale > 1:
+        x = cv_down(x, scale)
     if noise is not None:
         x = x + noise
     return np.clip(np.round(x * 255), 0, 255) / 255
@@ -138,12 +139,12 @@ def _compare(img: np.ndarray, label: str, scale: int, seed: int = 0, min_equal: 
     deg = make_degradation(label, scale=scale)
     gen = torch.Generator().manual_seed(seed)
     out = to_hwc(deg(to_chw(img), generator=gen))
-    h, w = img.shape[0] // scale, img.shape[1] // scale
+    h, w, c = img.shape[0] // scale, img.shape[1] // scale, img.shape[2]
     noise = None
     if deg.noise_sigma is not None:  # the same draws the torch pipeline made
-        noise = to_hwc(deg.noise_sigma * torch.randn(3, h, w, generator=torch.Generator().manual_seed(seed)))
+        noise = to_hwc(deg.noise_sigma * torch.randn(c, h, w, generator=torch.Generator().manual_seed(seed)))
     ref = cv_pipeline(img, scale, deg.blur_sigma, noise)
-    assert out.shape == ref.shape == (h, w, 3)
+    assert out.shape == ref.shape == (h, w, c)
     diff = np.abs(out - ref)
     assert diff.max() <= 1 / 255 + 1e-6
     assert (diff < 1e-6).mean() >= min_equal, f"only {(diff < 1e-6).mean():.4%} of pixels equal"
@@ -163,6 +164,21 @@ def test_pipeline_matches_opencv_on_real_image(label: str, scale: int) -> None:
 @pytest.mark.parametrize("label", ["clean", "blur+noise"])
 def test_pipeline_matches_opencv_on_odd_sizes(label: str, scale: int) -> None:
     _compare(random_image(61, 47, seed=scale), label, scale=scale, seed=scale)
+
+
+@pytest.mark.parametrize("label", list(DEGRADATIONS))
+def test_grayscale_scale_1_matches_opencv(label: str) -> None:
+    """A 1-channel image at scale 1 (denoising/deblurring data): no downsampling, the same blur and noise."""
+    gray = np.round(real_image()[:96, :96] @ np.array([0.299, 0.587, 0.114], np.float32) * 255)[:, :, None] / 255
+    _compare(gray.astype(np.float32), label, scale=1, min_equal=1.0 if label == "clean" else 0.999)
+
+
+def test_scale_1_skips_the_downsampling() -> None:
+    img = to_chw(random_image(9, 11)[:, :, :1])
+    noisy = make_degradation("noise", scale=1)(img, torch.Generator().manual_seed(0))
+    expect = quantize(img + 0.1 * torch.randn(1, 9, 11, generator=torch.Generator().manual_seed(0)))
+    assert noisy.shape == (1, 9, 11) and torch.equal(noisy, expect)
+    assert torch.equal(make_degradation("blur", scale=1)(img), quantize(blur(img)))
 
 
 def test_paper_defaults() -> None:

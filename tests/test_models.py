@@ -427,3 +427,154 @@ def test_shipped_pairs_load_as_matching_finite_pairs(pair_dir):
     assert any(not torch.equal(p, q) for p, q in zip(base.parameters(), target.parameters()))
     for doc in ("README.md", "psnr.md", "log_baseline.jsonl", "log_target.jsonl"):
         assert (pair_dir / doc).is_file(), f"{pair_dir.name} lacks {doc}"
+
+
+# ------------------------------------------------------------------ seeds and the caller's RNG
+
+def test_create_model_with_seed_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    m = create_model("msrresnet", preset="tiny", seed=7)
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's stream goes on as if nothing ran
+    torch.manual_seed(7)
+    ref = create_model("msrresnet", preset="tiny")  # the same weights as seeding globally
+    other = create_model("msrresnet", preset="tiny", seed=8)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, ref.state_dict()[k]), k
+    assert not torch.equal(m.state_dict()["conv_first.weight"], other.state_dict()["conv_first.weight"])
+    with pytest.raises(InvalidInputError, match="seed"):
+        create_model("msrresnet", seed=1.5)
+
+
+def test_load_model_leaves_the_global_rng_alone(tmp_path):
+    m = _tiny("srcnn_style")
+    save_model(m, tmp_path / "m.safetensors")
+    torch.save(m.state_dict(), tmp_path / "m.pth")
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    load_model(tmp_path / "m.safetensors")  # building the model draws initial weights: from a forked RNG
+    load_model(tmp_path / "m.pth", arch="srcnn_style")
+    load_model(tmp_path / "m.pth", arch="auto")
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+# ------------------------------------------------------------------ your own model: model_class, arch="auto"
+
+_OWN_MODULE = '''
+import torch
+from torch import nn
+
+
+class GrayDenoiser(nn.Module):
+    """A 1-channel scale-1 residual denoiser with no `upscale` attribute."""
+
+    def __init__(self, feat: int = 4):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, feat, 3, padding=1), nn.ReLU(), nn.Conv2d(feat, 1, 3, padding=1))
+
+    def forward(self, x):
+        return x - self.body(x)
+
+
+def make(feat=4):
+    return GrayDenoiser(feat)
+'''
+
+
+@pytest.fixture
+def own_module(tmp_path, monkeypatch):
+    """A model class in a module that is importable only through sys.path (as a user's own code)."""
+    name = f"own_arch_{os.getpid()}"
+    (tmp_path / f"{name}.py").write_text(_OWN_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+    return importlib.import_module(name)
+
+
+@pytest.mark.parametrize("layout", ["pth_raw", "pth_params", "pth_params_ema", "safetensors"])
+def test_load_model_with_your_own_class(tmp_path, own_module, layout):
+    torch.manual_seed(0)
+    m = own_module.GrayDenoiser(feat=5).eval()
+    sd = m.state_dict()
+    path = tmp_path / ("w.safetensors" if layout == "safetensors" else "w.pth")
+    if layout == "safetensors":
+        safetensors.torch.save_file(sd, str(path))
+    else:
+        torch.save({"pth_raw": sd, "pth_params": {"params": sd}, "pth_params_ema": {"params_ema": sd}}[layout], path)
+    spec = f"{own_module.__name__}:GrayDenoiser"
+    x = torch.rand(1, 1, 6, 7, generator=torch.Generator().manual_seed(1))
+    for loaded in (load_model(path, model_class=spec, model_kwargs={"feat": 5}),
+                   load_model(path, model_class=own_module.GrayDenoiser, feat=5),
+                   load_model(path, model_class=f"{own_module.__name__}:make", model_kwargs={"feat": 5})):
+        assert type(loaded).__name__ == "GrayDenoiser" and not loaded.training
+        with torch.no_grad():
+            assert torch.equal(loaded(x), m(x))
+
+
+def test_own_class_errors_name_the_problem(tmp_path, own_module):
+    path = tmp_path / "w.pth"
+    torch.save(own_module.GrayDenoiser(feat=5).state_dict(), path)
+    mod = own_module.__name__
+    with pytest.raises(InvalidInputError, match="package.module:Class"):
+        load_model(path, model_class="no_colon_here")
+    with pytest.raises(InvalidInputError, match="cannot import module 'no_such_module_xyz'"):
+        load_model(path, model_class="no_such_module_xyz:Net")
+    with pytest.raises(InvalidInputError, match="has no attribute 'Nope'"):
+        load_model(path, model_class=f"{mod}:Nope")
+    with pytest.raises(InvalidInputError, match="cannot build GrayDenoiser"):
+        load_model(path, model_class=f"{mod}:GrayDenoiser", model_kwargs={"width": 5})
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        load_model(path, model_class=f"{mod}:GrayDenoiser", model_kwargs={"feat": 4})
+    with pytest.raises(InvalidInputError, match="not both"):
+        load_model(path, arch="msrresnet", model_class=f"{mod}:GrayDenoiser")
+
+
+def test_arch_auto_finds_registered_architectures(tmp_path):
+    for arch, scale in (("msrresnet", 3), ("srcnn_style", 2)):
+        m = _tiny(arch, scale)
+        path = tmp_path / f"{arch}.pth"
+        torch.save({"params_ema": m.state_dict()}, path)
+        loaded = load_model(path, arch="auto")
+        assert loaded.config() == m.config()
+
+
+class _FakeDescriptor:
+    def __init__(self, model, scale):
+        self.model, self.scale = model, scale
+
+
+def test_arch_auto_uses_spandrel_when_it_imports(tmp_path, own_module, monkeypatch):
+    import sys
+    import types
+
+    path = tmp_path / "w.pth"
+    net = own_module.GrayDenoiser(feat=3)
+    torch.save(net.state_dict(), path)
+
+    monkeypatch.setitem(sys.modules, "spandrel", None)  # not installed
+    with pytest.raises(CheckpointError, match="pip install spandrel"):
+        load_model(path, arch="auto")
+
+    seen = {}
+
+    class Loader:
+        def load_from_state_dict(self, state):
+            seen["keys"] = sorted(state)
+            m = own_module.GrayDenoiser(feat=3)
+            m.load_state_dict(state)
+            return _FakeDescriptor(m, 1)
+
+    monkeypatch.setitem(sys.modules, "spandrel", types.SimpleNamespace(ModelLoader=Loader))
+    loaded = load_model(path, arch="auto")
+    assert seen["keys"] == sorted(net.state_dict()) and loaded.upscale == 1 and not loaded.training
+    x = torch.rand(1, 1, 5, 5)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), net(x))
+
+    class Refuses:
+        def load_from_state_dict(self, state):
+            raise RuntimeError("Unsupported model")
+
+    monkeypatch.setitem(sys.modules, "spandrel", types.SimpleNamespace(ModelLoader=Refuses))
+    with pytest.raises(CheckpointError, match="spandrel cannot detect the architecture.*model_class"):
+        load_model(path, arch="auto")

@@ -1,8 +1,8 @@
 """Every reduction backend against a float64 reference, plus dispatch, validation and fallback.
 
-Triton kernels run on CPU tensors through Triton's interpreter: the tests that use it set
-TRITON_INTERPRET=1 themselves (the kernel wrappers pick the interpreter at call time), so they run
-with or without the Makefile's environment.  Sizes stay small because the interpreter is slow.
+Triton kernels run on CPU tensors through Triton's interpreter: ``tests/conftest.py`` sets
+TRITON_INTERPRET=1 on machines without CUDA, and the tests that use it set it again themselves (the
+kernel wrappers pick the interpreter at call time).  Sizes stay small because the interpreter is slow.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 
+from conftest import make_pair
 from faig_fast.ops import extension as _ext
 from faig_fast.ops import reduction as red
 from faig_fast.errors import FAIGError, InvalidInputError
@@ -233,6 +234,33 @@ def test_extension_builds(monkeypatch):
     assert mod.has_openmp()
     if not torch.version.cuda:
         assert not mod.has_cuda()
+    # a later process finds the build on disk and loads it without compiling
+    _ext._reset()
+    monkeypatch.setattr(_ext, "_compile", lambda with_cuda: pytest.fail("loading a built extension compiled"))
+    assert _ext.built_module_path() is not None
+    assert _ext.extension_status().startswith("built, not loaded")
+    assert _ext.load_extension(build=False) is not None
+    assert red.resolve_backend("cpu") == "cpp"
+
+
+def test_auto_never_compiles(monkeypatch, clean_ext, tmp_path, loader):
+    """Backend ``auto`` on a fresh install (nothing built) runs PyTorch at once, without a compiler."""
+    from faig_fast.core.api import attribute
+
+    monkeypatch.delenv("FAIG_FAST_NO_EXT", raising=False)
+    monkeypatch.setenv("FAIG_FAST_EXT_DIR", str(tmp_path))
+    monkeypatch.setattr(_ext, "_compile", lambda with_cuda: pytest.fail("backend auto compiled the extension"))
+    assert _ext.built_module_path() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", _ext.ExtensionUnavailableWarning)
+        assert red.resolve_backend("cpu") == "torch"
+        delta, grads = _data(7, 9, 2, torch.float64)
+        torch.testing.assert_close(red.filter_abs_sum(delta, grads, 9), _ref(delta, grads, 9))
+        assert "cpp" not in red.available_backends()
+        a, b = make_pair()
+        result = attribute(a, b, loader, steps=2)
+    assert result.sums["blur"].shape == (len(result.index),)
+    assert "faig info --build" in _ext.extension_status()
 
 
 def test_no_ext_env_falls_back_and_warns_once(monkeypatch, clean_ext):
@@ -253,13 +281,17 @@ def test_no_ext_env_falls_back_and_warns_once(monkeypatch, clean_ext):
         red.resolve_backend("cpu", "cpp")
 
 
-def test_build_failure_falls_back_without_raising(monkeypatch, clean_ext):
+def test_build_failure_falls_back_without_raising(monkeypatch, clean_ext, tmp_path):
     monkeypatch.delenv("FAIG_FAST_NO_EXT", raising=False)
+    monkeypatch.setenv("FAIG_FAST_EXT_DIR", str(tmp_path))  # nothing built there
 
     def broken(with_cuda):
         raise RuntimeError("Error building extension 'faig_fast_ext': g++: fatal error: simulated")
 
     monkeypatch.setattr(_ext, "_compile", broken)
+    assert _ext.build_extension() is None  # faig info --build: fails, does not raise
+    assert red.available_backends(build=True) == ["torch"] + (["triton"] if "triton" in red.available_backends()
+                                                                else [])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert red.resolve_backend("cpu") == "torch"
@@ -283,7 +315,7 @@ def test_auto_survives_a_backend_failing_at_run_time(monkeypatch, clean_ext):
             raise RuntimeError("kernel exploded")
 
     monkeypatch.delenv("FAIG_FAST_NO_EXT", raising=False)
-    monkeypatch.setattr(_ext, "load_extension", lambda warn=True: Broken())
+    monkeypatch.setattr(_ext, "load_extension", lambda warn=True, build=True: Broken())
     delta, grads = _data(7, 9, 2, torch.float64)
     with pytest.warns(RuntimeWarning, match="kernel exploded"):
         out = red.filter_abs_sum(delta, grads, 9)

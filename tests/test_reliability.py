@@ -85,3 +85,38 @@ def test_reruns_are_bit_identical():
     for label in r1.labels:
         assert torch.equal(r1.sums[label], r2.sums[label])
         assert torch.equal(r1.ranking(label), r2.ranking(label))
+
+
+def test_failed_batch_save_leaves_no_torn_file_and_resumes(tmp_path, monkeypatch):
+    """A failure while persisting a batch (disk full) leaves the earlier batches and no partial file; the
+    rerun computes only the rest and gives the uninterrupted run's sums bit for bit."""
+    from safetensors.torch import save_file as real_save
+
+    from faig_fast.apps.runs import attribute_dataset
+    from faig_fast.data import DegradedImageDataset
+
+    a, b = make_pair(dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    ds = DegradedImageDataset([(f"im{i}", torch.rand(3, 8, 8 + 2 * i, generator=g)) for i in range(3)], ("blur", "noise"))
+    whole = attribute_dataset(a, b, ds, steps=3)
+    saves = []
+
+    def flaky(tensors, path, metadata=None):
+        saves.append(path)
+        if len(saves) == 2:
+            with open(path, "wb") as f:
+                f.write(b"\x00" * 7)  # a torn write
+            raise OSError("disk full (simulated)")
+        real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr("safetensors.torch.save_file", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        attribute_dataset(a, b, ds, steps=3, resume_dir=tmp_path / "r")
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["batch000000.safetensors", "run.json"]
+    first = (tmp_path / "r" / "batch000000.safetensors").stat().st_mtime_ns
+    again = attribute_dataset(a, b, ds, steps=3, resume_dir=tmp_path / "r")
+    assert (tmp_path / "r" / "batch000000.safetensors").stat().st_mtime_ns == first
+    assert again.counts == whole.counts and again.image_names == whole.image_names
+    for label in whole.labels:
+        assert torch.equal(again.sums[label], whole.sums[label])

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import registry_pair
-from faig_fast.models import save_model
+from faig_fast.utils.paths import shipped_pair_dir
 from faig_fast.apps.report import HEADERS
 from faig_fast.apps.reproduce import PRESET_CONFIGS, reproduce
 
@@ -36,10 +36,10 @@ def _micro_files(tmp_path, arch: str = "msrresnet"):
     _write_images(data / "Set14", 2, 40, 0)
     _write_images(data / "BSD68", 4, 40, 1)
     _write_images(data / "SunHays80", 2, 48, 2)
-    a, b = registry_pair(arch, noise=0.03)
-    pair = tmp_path / "pair"
-    save_model(a, pair / "baseline.safetensors", {"preset": "tiny"})
-    save_model(b, pair / "target.safetensors", {"preset": "tiny"})
+    pair = tmp_path / "pair"  # the shipped tiny pair, trained: its FAIG filters carry their functions
+    pair.mkdir()
+    for name in ("baseline.safetensors", "target.safetensors"):
+        shutil.copy(shipped_pair_dir(f"{arch}_tiny") / name, pair / name)
     return data, pair, tmp_path / "out"
 
 
@@ -65,6 +65,7 @@ def test_micro_reproduce_and_resume(micro_setup):
     assert set(retrain["methods"]) == {"faig", "ig", "weight_change", "random"}
     pred = json.loads((out / "prediction.json").read_text())
     assert len(pred["test"]["labels"]) == 2 * 3 and set(pred["thresholds"]) == {"blur", "noise"}
+    _numbers_that_must_hold(out)
 
     stage_files = [p for p in out.rglob("*") if p.is_file()]
     mtimes = {p: p.stat().st_mtime_ns for p in stage_files}
@@ -84,6 +85,30 @@ def test_micro_reproduce_and_resume(micro_setup):
     assert (out / "masking.json").stat().st_mtime_ns == mtimes[out / "masking.json"]
     with pytest.raises(Exception, match="different configuration"):
         reproduce("tiny", data_root=data, out_dir=out, seeds=(0, 1), pair_dir=pair, config=MICRO, progress=False)
+
+
+def _numbers_that_must_hold(out):
+    """Relations the micro run's numbers obey whatever the tiny sizes: by construction, or by a margin
+    of orders of magnitude on this pair (FAIG's own 1% set vs 1% random filters)."""
+    masking = json.loads((out / "masking.json").read_text())
+    table, curves = masking["table"], masking["curves"]
+    i1 = table["fractions"].index(0.01)
+    for d in ("blur", "noise"):
+        own = table["mean"][d][d]
+        assert own["faig"][i1] > 3 * own["random"][i1], (d, own)
+        for mask in ("blur", "noise"):
+            faig, rnd = curves["faig"][mask][d], curves["random"][mask][d]
+            assert faig[0] == rnd[0] == 0.0  # nothing masked: the target itself
+            assert faig[-1] == rnd[-1] > 0  # everything masked: the baseline, whichever ranking
+    retrain = json.loads((out / "retrain.json").read_text())
+    modulation = json.loads((out / "modulation.json").read_text())
+    assert modulation["lams"][-1] == 1.0
+    for fset in ("blur", "noise"):
+        for inp in ("blur", "noise"):
+            # λ = 1 moves the filters all the way to θ: the target model, evaluated on the same inputs
+            assert modulation["psnr"][fset][inp][-1] == retrain["reference"]["target"][inp]
+    report = (out / "report.md").read_text()
+    assert "Masking 1% FAIG filters hurts far more than masking 1% random filters" in report
 
 
 def test_unknown_preset_and_config_key(tmp_path):

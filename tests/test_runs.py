@@ -1,6 +1,8 @@
-"""Resumable runs (a real SIGKILL midway) and torchrun sharding over 2 gloo processes."""
+"""``attribute_dataset``: the batch loop of ``faig_fast.attribute``, resumable (a real SIGKILL after a
+persisted batch) and sharded over 2 gloo processes under torchrun."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,13 +14,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
+import faig_fast
+from conftest import make_pair, registry_pair
+from faig_fast.apps import runs
+from faig_fast.apps.runs import attribute_dataset, plan_batches
 from faig_fast.core.attribution import Attribution
+from faig_fast.core.reference import reference_attribute
 from faig_fast.data import DegradedImageDataset
 from faig_fast.errors import InvalidInputError
-from conftest import registry_pair
 from faig_fast.models import save_model
-from faig_fast.apps.runs import attribute_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,6 +52,12 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
+def _dataset(sizes=((8, 8), (8, 10), (8, 8)), labels=("blur", "noise"), **kw) -> DegradedImageDataset:
+    g = torch.Generator().manual_seed(0)
+    return DegradedImageDataset([(f"img{i}", torch.rand(3, h, w, generator=g)) for i, (h, w) in enumerate(sizes)],
+                                labels, **kw)
+
+
 def test_killed_run_resumes_to_identical_result(workdir):
     straight = subprocess.run([sys.executable, *_cli(workdir, "straight.safetensors")], env=_env(),
                               capture_output=True, text=True)
@@ -54,44 +66,161 @@ def test_killed_run_resumes_to_identical_result(workdir):
     proc = subprocess.Popen([sys.executable, *_cli(workdir, "resumed.safetensors", "--resume-dir", str(rdir))],
                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(rdir.glob("item*.safetensors"))) < 2:
-        time.sleep(0.01)
+    while time.time() < deadline and not list(rdir.glob("batch*.safetensors")):  # the first persisted batch
+        assert proc.poll() is None, "the run ended before persisting anything"
+        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = {p.name: p.stat().st_mtime_ns for p in rdir.glob("item*.safetensors")}
-    assert 2 <= len(done) < 8, "the kill should land midway through the 8 items"
+    done = {p.name: p.stat().st_mtime_ns for p in rdir.glob("batch*.safetensors")}
+    assert 1 <= len(done) < 4, "the kill should land after the first of the 4 batches (one per image)"
     again = subprocess.run([sys.executable, *_cli(workdir, "resumed.safetensors", "--resume-dir", str(rdir))],
                            env=_env(), capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     for name, mtime in done.items():
         assert (rdir / name).stat().st_mtime_ns == mtime, f"{name} was recomputed"
+    assert len(list(rdir.glob("batch*.safetensors"))) == 4
     x, y = Attribution.load(workdir / "straight.safetensors"), Attribution.load(workdir / "resumed.safetensors")
-    assert x.counts == y.counts
+    assert x.counts == y.counts and x.image_names == y.image_names
     for label in x.labels:
         assert torch.equal(x.sums[label], y.sums[label])
 
 
-def test_resume_dir_rejects_other_settings(workdir):
-    from faig_fast.models import load_model
-
-    a, b = load_model(workdir / "a.safetensors"), load_model(workdir / "b.safetensors")
-    ds = DegradedImageDataset(workdir / "imgs", ("blur",), seed=0)
-    attribute_dataset(a, b, ds, steps=2, resume_dir=workdir / "r")
+def test_resume_dir_rejects_other_settings(tmp_path):
+    a, b = make_pair(dtype=torch.float32)
+    ds = _dataset()
+    attribute_dataset(a, b, ds, steps=2, resume_dir=tmp_path / "r")
     with pytest.raises(InvalidInputError, match="other settings"):
-        attribute_dataset(a, b, ds, steps=3, resume_dir=workdir / "r")
+        attribute_dataset(a, b, ds, steps=3, resume_dir=tmp_path / "r")
+    with pytest.raises(InvalidInputError, match="other settings"):
+        attribute_dataset(a, b, _dataset(labels=("blur", "clean")), steps=2, resume_dir=tmp_path / "r")
+
+
+def test_one_path_for_attribute_and_attribute_dataset(tmp_path):
+    """attribute_dataset runs faig_fast.attribute's batches; with a resume folder its sums are bit-identical."""
+    a, b = make_pair(dtype=torch.float32)
+    ds = _dataset()
+    assert plan_batches(ds) == [[0, 1], [2, 3], [4, 5]]
+    kw = dict(steps=4, precision="fp64", strategy="vmap")
+    direct = faig_fast.attribute(a, b, [ds[i] + (ds.item_name(i),) for i in range(len(ds))], keep_per_image=True,
+                                 **kw)
+    plain = attribute_dataset(a, b, ds, keep_per_image=True, **kw)
+    resumable = attribute_dataset(a, b, ds, keep_per_image=True, resume_dir=tmp_path / "r", **kw)
+    assert direct.image_names == plain.image_names == resumable.image_names == [ds.item_name(i) for i in range(6)]
+    assert direct.counts == plain.counts == resumable.counts == {"blur": 3, "noise": 3}
+    for label in direct.labels:
+        torch.testing.assert_close(plain.sums[label], direct.sums[label], rtol=1e-12, atol=0)
+        assert torch.equal(plain.sums[label], resumable.sums[label])
+    for x, y, z in zip(direct.image_scores, plain.image_scores, resumable.image_scores):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=0)
+        assert torch.equal(y, z)
+    # checked: the first item and every 5th (20 / 4 steps), by dataset index
+    assert plain.meta["completeness"]["images"] == resumable.meta["completeness"]["images"] == ["img0/blur",
+                                                                                                "img2/noise"]
+    assert plain.meta["completeness"]["delta"] == resumable.meta["completeness"]["delta"]
+
+
+def test_resume_folder_with_foreign_and_corrupt_files(tmp_path):
+    """Foreign, torn, stale or other-run files are recomputed, never trusted and never a KeyError."""
+    from safetensors.torch import save_file
+
+    a, b = make_pair(dtype=torch.float32)
+    ds = _dataset()
+    kw = dict(steps=3, precision="fp64")
+    rdir = tmp_path / "r"
+    whole = attribute_dataset(a, b, ds, resume_dir=rdir, keep_per_image=True, **kw)
+    save_file({"x": torch.zeros(2)}, rdir / "batch000000.safetensors")  # a foreign safetensors file
+    good = (rdir / "batch000002.safetensors").read_bytes()
+    (rdir / "batch000002.safetensors").write_bytes(good[: len(good) // 2])  # torn
+    save_file({"scores": torch.zeros(2, len(whole.index), dtype=torch.float64)}, rdir / "batch000004.safetensors",
+              metadata={"faig_fast_batch": json.dumps({"indices": [4, 5]})})  # incomplete metadata
+    (rdir / "notes.txt").write_text("not ours")
+    (rdir / "item000001.safetensors").write_bytes(b"\x00" * 10)  # a file of an older layout
+    again = attribute_dataset(a, b, ds, resume_dir=rdir, keep_per_image=True, **kw)
+    assert again.counts == whole.counts and again.image_names == whole.image_names
+    for label in whole.labels:
+        assert torch.equal(again.sums[label], whole.sums[label])
+    for x, y in zip(again.image_scores, whole.image_scores):
+        assert torch.equal(x, y)
+    assert (rdir / "notes.txt").read_text() == "not ours"
+    assert (rdir / "batch000002.safetensors").read_bytes() == good  # recomputed, identically
+    store = runs.ResumeStore(rdir, runs.Attributor(a, b, **kw), ds, rank=0)
+    assert all(store.load(idx) is not None for idx in plan_batches(ds))
+
+
+def test_resume_manifest_is_written_atomically(tmp_path, monkeypatch):
+    a, b = make_pair(dtype=torch.float32)
+    ds = _dataset(sizes=((8, 8),), labels=("blur",))
+    rdir = tmp_path / "r"
+    attribute_dataset(a, b, ds, steps=2, resume_dir=rdir)
+    before = (rdir / "run.json").read_text()
+    real = Path.write_text
+
+    def torn(self, text, *args, **kwargs):
+        real(self, text[: len(text) // 2])
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(Path, "write_text", torn)
+    with pytest.raises(OSError, match="disk full"):
+        attribute_dataset(a, b, ds, steps=2, resume_dir=rdir)
+    monkeypatch.undo()
+    assert (rdir / "run.json").read_text() == before and json.loads(before)["items"] == 1
+    assert sorted(p.name for p in rdir.iterdir()) == ["batch000000.safetensors", "run.json"]
+
+
+class GrayDenoiser(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 3, padding=1))
+
+    def forward(self, x):
+        return x - self.body(x)
+
+
+def test_grayscale_denoising_dataset_equals_reference():
+    """DnCNN-style pair on DegradedImageDataset(channels=1, scale=1): scale inferred as 1, reference scores."""
+    torch.manual_seed(0)
+    a, b = GrayDenoiser(), GrayDenoiser()
+    b.load_state_dict({k: v + 0.05 * torch.randn_like(v) for k, v in a.state_dict().items()})
+    ds = _dataset(sizes=((10, 10), (10, 10)), labels=("noise", "blur"), scale=1, channels=1)
+    got = attribute_dataset(a.double(), b.double(), ds, steps=4, precision="fp64", keep_per_image=True)
+    items = [tuple(t.double() if torch.is_tensor(t) else t for t in ds[i]) for i in range(len(ds))]
+    ref = reference_attribute(a, b, items, steps=4, keep_per_image=True)
+    assert got.meta["scale"] == 1 and got.counts == {"noise": 2, "blur": 2}
+    for x, y in zip(got.image_scores, ref.image_scores):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
+
+
+def test_bad_dataset_items_are_named():
+    a, b = make_pair(dtype=torch.float32)
+
+    class Bad(list):
+        pass
+
+    good = _dataset(sizes=((8, 8),), labels=("blur",))[0]
+    with pytest.raises(InvalidInputError, match="item 1: lq contains NaN"):
+        attribute_dataset(a, b, Bad([good, (good[0] * float("nan"), good[1], "blur")]), steps=2)
+    with pytest.raises(InvalidInputError, match="dataset item 0: expected \\(lq, gt, label"):
+        attribute_dataset(a, b, Bad([good[0]]), steps=2)
+    with pytest.raises(InvalidInputError, match="the dataset is empty"):
+        attribute_dataset(a, b, Bad(), steps=2)
 
 
 def test_torchrun_two_gloo_processes_match_single(workdir):
-    single = subprocess.run([sys.executable, *_cli(workdir, "single.safetensors", steps=8)], env=_env(),
-                            capture_output=True, text=True)
+    single = subprocess.run([sys.executable, *_cli(workdir, "single.safetensors", "--keep-per-image", steps=8)],
+                            env=_env(), capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
     multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                            *_cli(workdir, "multi.safetensors", steps=8)], env=_env(), capture_output=True, text=True,
-                           timeout=300)
+                            *_cli(workdir, "multi.safetensors", "--keep-per-image", steps=8)], env=_env(),
+                           capture_output=True, text=True, timeout=300)
     assert multi.returncode == 0, multi.stderr[-3000:]
     x, y = Attribution.load(workdir / "single.safetensors"), Attribution.load(workdir / "multi.safetensors")
     assert x.counts == y.counts
     for label in x.labels:
         torch.testing.assert_close(x.sums[label], y.sums[label], rtol=1e-12, atol=0)
         assert torch.equal(x.ranking(label), y.ranking(label))
-    assert sorted(x.image_names) == sorted(y.image_names)
+    # per-image lists in dataset order (rank 0 holds batches 0 and 2, rank 1 batches 1 and 3), not per rank
+    assert x.image_names == y.image_names == [f"im{i}/{d}" for i in range(4) for d in ("blur", "noise")]
+    assert x.image_labels == y.image_labels
+    for s, t in zip(x.image_scores, y.image_scores):
+        torch.testing.assert_close(s, t, rtol=1e-12, atol=0)
+    assert x.meta["completeness"]["images"] == y.meta["completeness"]["images"]

@@ -108,6 +108,25 @@ def test_determinism_same_seed(images, tmp_path):
     assert not _same(_weights(a), _weights(c))
 
 
+def test_train_leaves_the_callers_global_rng_alone(images, tmp_path):
+    torch.manual_seed(99)
+    before = torch.get_rng_state()
+    model = build_model(_cfg(seed=3))
+    assert torch.equal(torch.get_rng_state(), before)
+    train(_cfg(iters=2), images, tmp_path / "run", progress=False)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(3)  # the init is the one a global seed would give
+    ref = create_model("msrresnet", upscale=2, **TINY)
+    assert _same(model.state_dict(), ref.state_dict())
+
+
+def test_training_images_are_the_files_exact_8bit_pixels(images):
+    imgs = load_training_images(images)
+    for path, img in zip(images, imgs):
+        raw = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+        assert img.dtype == torch.uint8 and torch.equal(img, raw)
+
+
 def test_resume_equals_straight_run(images, tmp_path):
     straight = train(_cfg(), images, tmp_path / "straight", progress=False)
     part = train(_cfg(), images, tmp_path / "resumed", progress=False, max_iters_this_call=3)

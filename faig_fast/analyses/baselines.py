@@ -27,20 +27,15 @@ import torch
 from torch import nn
 
 from faig_fast.core.attribution import Attribution
-from faig_fast.core.batches import iterate_batches, model_scale
-from faig_fast.data.degradations import make_degradation
-from faig_fast.errors import InvalidInputError
-from faig_fast.core.filters import FilterIndex, conv_weight_names
+from faig_fast.core.batches import model_scale
+from faig_fast.core.filters import FilterIndex
 from faig_fast.core.pair import check_pair
 from faig_fast.core.quadrature import nodes_and_weights
+from faig_fast.core.reference import filter_scores, score_images
+from faig_fast.data.degradations import make_degradation
+from faig_fast.errors import InvalidInputError
 
 METHODS = ("faig", "ig", "weight_change", "random")
-
-
-def _filter_abs_sum(grads: dict[str, torch.Tensor], index: FilterIndex) -> torch.Tensor:
-    """Σ_{K×K} |g| per filter in flat-index order (float64)."""
-    return torch.cat([grads[l.name].detach().abs().reshape(l.num_filters, -1).sum(1).double()
-                      for l in index.layers])
 
 
 def ig_image_scores(model_target: nn.Module, clean_lq: torch.Tensor, lq: torch.Tensor, *, steps: int = 100,
@@ -73,7 +68,7 @@ def ig_image_scores(model_target: nn.Module, clean_lq: torch.Tensor, lq: torch.T
         grads = torch.autograd.grad(loss, weights_of)
         for n, g in zip(names, grads):
             total[n] += g
-    return _filter_abs_sum(total, index)
+    return filter_scores(total, index)
 
 
 def ig_attribution(model_target: nn.Module, loader: Iterable, steps: int = 100, *, method: str = "riemann_left",
@@ -88,16 +83,16 @@ def ig_attribution(model_target: nn.Module, loader: Iterable, steps: int = 100, 
     flags = [p.requires_grad for p in net.parameters()]
     for p in net.parameters():
         p.requires_grad_(True)
+
+    def score(lq: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+        x_clean = clean(gt.float()).to(lq.dtype)
+        return ig_image_scores(net, x_clean, lq, steps=steps, method=method)
+
+    def report(count: int, name: str, label: str) -> None:
+        print(f"IG {count}: {name} ({label})", flush=True)
+
     try:
-        count = 0
-        for batch in iterate_batches(loader, model_scale(model_target)):
-            for i in range(len(batch)):
-                x_clean = clean(batch.gt[i].float()).to(batch.lq.dtype)
-                scores = ig_image_scores(net, x_clean, batch.lq[i], steps=steps, method=method)
-                result.add(batch.labels[i], scores, batch.names[i])
-                count += 1
-                if progress:
-                    print(f"IG {count}: {batch.names[i]} ({batch.labels[i]})", flush=True)
+        score_images(result, loader, model_scale(model_target), score, report if progress else None)
     finally:
         for p, f in zip(net.parameters(), flags):
             p.requires_grad_(f)
@@ -114,8 +109,8 @@ def weight_change_scores(model_a: nn.Module, model_b: nn.Module) -> torch.Tensor
     """Σ_{K×K} |θ − θ̄| per filter (float64), baseline ``model_a`` vs target ``model_b``."""
     check_pair(model_a, model_b)
     index = FilterIndex.from_model(model_b)
-    sa, sb = model_a.state_dict(), model_b.state_dict()
-    return _filter_abs_sum({n: sb[n].double() - sa[n].double() for n in conv_weight_names(model_b)}, index)
+    pa, pb = dict(model_a.named_parameters()), dict(model_b.named_parameters())
+    return filter_scores({l.name: pb[l.name].double() - pa[l.name].double() for l in index.layers}, index)
 
 
 def random_scores(num_filters: int, seed: int = 0, label: str | None = None) -> torch.Tensor:

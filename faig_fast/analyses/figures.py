@@ -20,10 +20,7 @@ from matplotlib.figure import Figure
 
 from faig_fast.utils.io import atomic_write
 from faig_fast.core.filters import FilterIndex
-
-LABEL_NAMES = {"blur": "deblurring", "noise": "denoising"}
-INPUT_NAMES = {"blur": "blurry input", "noise": "noisy input", "clean": "clean input"}
-METHOD_NAMES = {"faig": "FAIG", "ig": "IG", "weight_change": "|θ−θ̄|", "random": "random"}
+from faig_fast.analyses.names import filter_set_name, input_name, method_name
 
 
 def _save(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
@@ -53,11 +50,11 @@ def plot_masking_curves(curves: dict, fractions: Sequence[float], path: str | os
         for method, by_mask in curves.items():
             for inp, vals in by_mask.get(mask, {}).items():
                 ax.plot(x, vals, styles.get(method, "-"), marker="o", ms=3, color=colors.get(inp),
-                        label=f"{METHOD_NAMES.get(method, method)}, {INPUT_NAMES.get(inp, inp)}")
+                        label=f"{method_name(method)}, {input_name(inp, noun=True)}")
         ax.set_xscale("symlog", linthresh=1.0)
         ax.set_xlabel("masked filters (%)")
         ax.set_ylabel("gradient-map MSE (×10⁻³)")
-        ax.set_title(f"mask {LABEL_NAMES.get(mask, mask)} filters")
+        ax.set_title(f"mask {filter_set_name(mask)} filters")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     if title:
@@ -83,7 +80,7 @@ def plot_layer_distribution(index: FilterIndex, sets: dict[str, torch.Tensor], p
     for k, (label, idx) in enumerate(sets.items()):
         c = layer_counts(index, idx)
         off = (k - (len(sets) - 1) / 2) * width
-        name = f"{LABEL_NAMES.get(label, label)} ({len(idx)} filters)"
+        name = f"{filter_set_name(label)} ({len(idx)} filters)"
         ax1.bar(x + off, c, width, label=name)
         ax2.bar(x + off, 100 * c / sizes, width, label=name)
     ax1.set_ylabel("discovered filters")

@@ -29,11 +29,12 @@ from faig_fast.core.filters import FilterIndex
 from faig_fast.core.pair import check_pair
 
 TABLE_FRACTIONS = (0.01, 0.03, 0.05, 0.10)
-FILTER_SETS = {"blur": "deblurring", "noise": "denoising"}
 
 
-def mask_filters(target: nn.Module, baseline: nn.Module, indices: torch.Tensor | Sequence[int]) -> nn.Module:
-    """A copy of ``target`` whose filters ``indices`` (flat) hold the baseline's K×K weights."""
+def mask_filters(baseline: nn.Module, target: nn.Module, indices: torch.Tensor | Sequence[int]) -> nn.Module:
+    """A copy of ``target`` whose filters ``indices`` (flat) hold the baseline's K×K weights.
+
+    The pair comes in the order of :func:`faig_fast.attribute`: ``(baseline, target)``."""
     check_pair(baseline, target)
     rows = FilterIndex.from_model(target).split(indices)
     out = copy.deepcopy(target)
@@ -95,7 +96,7 @@ def _stack_same_size(images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.cat(v) for v in groups.values()]
 
 
-def masking_curve(target: nn.Module, baseline: nn.Module, ranking: torch.Tensor, images: Sequence[torch.Tensor],
+def masking_curve(baseline: nn.Module, target: nn.Module, ranking: torch.Tensor, images: Sequence[torch.Tensor],
                   fractions: Sequence[float], *, quantize: bool = True) -> list[float]:
     """Mean ``gradient_map_mse`` (×10⁻³ units) between target and masked outputs over ``images``
     (LR inputs), masking the top ``fraction`` of ``ranking`` for each fraction (0 ⇒ nothing masked)."""
@@ -106,7 +107,7 @@ def masking_curve(target: nn.Module, baseline: nn.Module, ranking: torch.Tensor,
     values = []
     for f in fractions:
         k = 0 if f <= 0 else top_count(n, min(float(f), 1.0))
-        masked = mask_filters(target, baseline, ranking[:k])
+        masked = mask_filters(baseline, target, ranking[:k])
         outs = _outputs(masked, batches)
         total = sum(gradient_map_mse(o, r, quantize) * len(o) for o, r in zip(outs, ref))
         values.append(total / n_img)
@@ -127,7 +128,7 @@ def degraded_inputs(gts: Sequence[tuple[str, torch.Tensor]], labels: Sequence[st
 RankingsFn = Callable[[int], dict[str, dict[str, torch.Tensor]]]
 
 
-def masking_table(target: nn.Module, baseline: nn.Module, rankings: dict[str, dict[str, torch.Tensor]] | RankingsFn,
+def masking_table(baseline: nn.Module, target: nn.Module, rankings: dict[str, dict[str, torch.Tensor]] | RankingsFn,
                   gts: Sequence[tuple[str, torch.Tensor]], *, seeds: Sequence[int] = (0, 1, 2),
                   fractions: Sequence[float] = TABLE_FRACTIONS, scale: int = 2, quantize: bool = True,
                   inputs: Sequence[str] = ("blur", "noise")) -> dict:
@@ -151,7 +152,7 @@ def masking_table(target: nn.Module, baseline: nn.Module, rankings: dict[str, di
             for mask_label, ranking in by_label.items():
                 # one masked model per fraction, evaluated on every input degradation
                 n = len(ranking)
-                masked = [mask_filters(target, baseline, ranking[:top_count(n, f)]) for f in fractions]
+                masked = [mask_filters(baseline, target, ranking[:top_count(n, f)]) for f in fractions]
                 for inp in inputs:
                     n_img = len(lqs[inp])
                     row = []

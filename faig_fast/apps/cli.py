@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,21 +17,43 @@ from faig_fast.utils.paths import data_root, resolve_pair_dir, results_dir
 DEFAULT_DATA = data_root()
 
 
+def _arch_choices() -> list[str]:
+    from faig_fast.models import list_models
+
+    return list_models()
+
+
 def _add_attribute(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("attribute", help="FAIG of a baseline/target pair over an image folder")
-    p.add_argument("--baseline", required=True, help="baseline model θ̄ (safetensors or BasicSR .pth)")
+    p.add_argument("--baseline", required=True, help="baseline model θ̄ (safetensors or .pth state dict)")
     p.add_argument("--target", required=True, help="target model θ (fine-tuned for blur+noise)")
-    p.add_argument("--arch", default=None, help="architecture for checkpoints without metadata (e.g. msrresnet)")
+    p.add_argument("--arch", default=None, choices=[*_arch_choices(), "auto"],
+                   help="architecture for checkpoints without metadata; 'auto' detects it (registered "
+                        "architectures, else the optional spandrel package)")
+    p.add_argument("--model-class", default=None, metavar="PACKAGE.MODULE:CLASS",
+                   help="build your own architecture for plain state-dict checkpoints (importable module)")
+    p.add_argument("--model-kwargs", default=None, metavar="JSON",
+                   help='constructor arguments of --model-class / --arch as a JSON object, e.g. \'{"feat": 32}\'')
     p.add_argument("--data", default=str(DEFAULT_DATA / "Set14"), help="image folder (default: ../shared/data/Set14)")
     p.add_argument("--degradations", nargs="+", default=["blur", "noise"])
+    p.add_argument("--scale", type=int, default=None,
+                   help="the model's upscaling factor (default: its `upscale`/`scale` attribute, else measured "
+                        "from one forward pass; 1 for denoisers)")
+    p.add_argument("--gray", action="store_true", help="1-channel (grayscale) images, for gray models")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--method", default="riemann_left")
     p.add_argument("--strategy", default="auto")
     p.add_argument("--precision", default="fp32")
     p.add_argument("--device", default=None)
+    p.add_argument("--filters", default="conv", choices=["conv", "conv+linear"],
+                   help="what a filter is: K×K conv slices, or also each Linear weight element")
+    p.add_argument("--mode", default="eval", choices=["eval", "train", "as-is"],
+                   help="module mode of both models during the attribution")
+    p.add_argument("--by", default="filter", choices=["filter", "channel", "layer"],
+                   help="granularity of the listed top units")
     p.add_argument("--crop", type=int, default=None, help="center-crop GT images to this size")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--top", type=float, default=0.01, help="fraction of filters to list per degradation")
+    p.add_argument("--top", type=float, default=0.01, help="fraction of units to list per degradation")
     p.add_argument("--out", default="runs/attribution.safetensors")
     p.add_argument("--index-dir", default=None, help="also write authors-style top-filter index .txt files here")
     p.add_argument("--keep-per-image", action="store_true")
@@ -50,40 +73,85 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         finish_distributed(wait=done)
 
 
+def _load_pair(args: argparse.Namespace) -> tuple:
+    """The baseline and target models per --arch / --model-class / --model-kwargs."""
+    from faig_fast.errors import InvalidInputError
+    from faig_fast.models import load_model
+
+    kwargs = {}
+    if args.model_kwargs is not None:
+        try:
+            kwargs = json.loads(args.model_kwargs)
+        except json.JSONDecodeError as e:
+            raise InvalidInputError(f"--model-kwargs is not valid JSON ({e}): {args.model_kwargs!r}") from e
+        if not isinstance(kwargs, dict):
+            raise InvalidInputError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
+    if args.model_class is not None and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does: a module in the current folder imports
+    return tuple(load_model(path, args.arch, model_class=args.model_class, model_kwargs=kwargs)
+                 for path in (args.baseline, args.target))
+
+
+def _pair_scale(model, args: argparse.Namespace) -> int:
+    """--scale, else the model's declared scale, else the output/input size ratio of one forward pass
+    (on a copy, so the caller's model is untouched)."""
+    import copy
+
+    import torch
+    from faig_fast.core.batches import infer_scale, model_scale
+    from faig_fast.errors import InvalidInputError
+
+    if args.scale is not None:
+        return args.scale
+    scale = model_scale(model)
+    if scale is None:
+        probe = copy.deepcopy(model).eval()
+        dtype = next(iter(probe.parameters()), torch.zeros(())).dtype
+        x = torch.full((1, 1 if args.gray else 3, 24, 24), 0.5, dtype=dtype)
+        try:
+            with torch.no_grad():
+                out = probe(x)
+        except Exception as e:  # noqa: BLE001 - any failure of the probe means: ask for --scale
+            raise InvalidInputError(f"--target {args.target}: the model declares no scale and a probe forward "
+                                    f"pass on a {tuple(x.shape)} input failed ({type(e).__name__}: {e}); "
+                                    "give --scale") from e
+        scale = infer_scale((24, 24), tuple(out.shape[-2:]), f"--target {args.target}")
+    return scale
+
+
 def _attribute(args: argparse.Namespace, rank: int, world: int) -> int:
     from faig_fast.core.attribution import write_index_file
     from faig_fast.data import DegradedImageDataset
-    from faig_fast.models import load_model
     from faig_fast.apps.runs import attribute_dataset
 
-    kw = {"arch": args.arch} if args.arch else {}
-    model_a = load_model(args.baseline, **kw)
-    model_b = load_model(args.target, **kw)
-    dataset = DegradedImageDataset(args.data, tuple(args.degradations), scale=model_b.upscale, seed=args.seed,
-                                   crop=args.crop)
+    model_a, model_b = _load_pair(args)
+    dataset = DegradedImageDataset(args.data, tuple(args.degradations), scale=_pair_scale(model_b, args),
+                                   seed=args.seed, crop=args.crop, channels=1 if args.gray else 3)
     t0 = time.perf_counter()
     result = attribute_dataset(model_a, model_b, dataset, steps=args.steps, method=args.method,
                                strategy=args.strategy, precision=args.precision, device=args.device,
-                               keep_per_image=args.keep_per_image, resume_dir=args.resume_dir, progress=True)
+                               filters=args.filters, mode=args.mode, keep_per_image=args.keep_per_image,
+                               resume_dir=args.resume_dir, progress=True)
     elapsed = time.perf_counter() - t0
     if rank != 0:
         return 0
     path = result.save(args.out)
     summary = {"out": str(path), "seconds": round(elapsed, 2), "images": sum(result.counts.values()),
-               "processes": world}
+               "processes": world, "by": args.by}
     for label in result.labels:
-        top = result.top(label, args.top)
+        top = result.top(label, args.top, by=args.by)
         summary[f"top_{label}"] = top[:10].tolist()
         if args.index_dir:
             Path(args.index_dir).mkdir(parents=True, exist_ok=True)
-            write_index_file(top, Path(args.index_dir) / f"{label}_top{args.top:g}.txt")
+            by = "" if args.by == "filter" else f"_{args.by}"
+            write_index_file(top, Path(args.index_dir) / f"{label}{by}_top{args.top:g}.txt")
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a baseline/target model pair (paper Sec. 5.1)")
-    p.add_argument("--arch", default="msrresnet", choices=["msrresnet", "srcnn_style"])
+    p.add_argument("--arch", default="msrresnet", choices=_arch_choices())
     p.add_argument("--preset", default="tiny")
     p.add_argument("--data", default=str(DEFAULT_DATA / "SunHays80"))
     p.add_argument("--out", default=None)
@@ -116,7 +184,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reproduce", help="the paper end to end: train → attribute → analyses → report")
     p.add_argument("--preset", default="tiny", choices=["tiny", "small", "paper"])
-    p.add_argument("--arch", default="msrresnet", choices=["msrresnet", "srcnn_style"],
+    p.add_argument("--arch", default="msrresnet", choices=_arch_choices(),
                    help="architecture of the pair (its shipped <arch>_<recipe> pair, or one trained here)")
     p.add_argument("--data-root", default=str(DEFAULT_DATA))
     p.add_argument("--out", default=None)
@@ -150,6 +218,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--gl-nodes", type=int, default=FAST_GL_NODES, help="Gauss–Legendre nodes of the loop-gl case")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16", "fp64"],
+                   help="precision of the engine cases (the naive loop stays fp32)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>-<time>.json)")
 
 
@@ -158,9 +228,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     path = run_benchmarks(arch=args.arch, preset=args.preset, size=args.size, images=args.images,
                           steps=args.steps, method=args.method, cases=args.cases, device=args.device,
-                          repeat=args.repeat, gl_nodes=args.gl_nodes, out=args.out)
+                          repeat=args.repeat, gl_nodes=args.gl_nodes, precision=args.precision, out=args.out)
     print(f"results: {path}")
     return 0
+
+
+def _study_rule(text: str) -> tuple[str, int]:
+    """``method/steps`` (e.g. ``gausslegendre/8``) as a tuple, for ``faig study precision --rules``."""
+    method, _, steps = text.partition("/")
+    if not method or not steps.isdigit() or int(steps) < 1:
+        raise argparse.ArgumentTypeError(f"rule must be method/steps, e.g. gausslegendre/8; got {text!r}")
+    return method, int(steps)
 
 
 def _add_study(sub: argparse._SubParsersAction) -> None:
@@ -171,13 +249,22 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--crop", type=int, default=96, help="GT center crop (0 = full images)")
     p.add_argument("--images", type=int, default=14)
     p.add_argument("--reference-nodes", type=int, default=64)
-    p.add_argument("--out", default=None)
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "tf32", "bf16", "fp64"],
+                   help="precision study: precisions to time and compare (fp32 is always run)")
+    p.add_argument("--rules", nargs="+", type=_study_rule, default=[("riemann_left", 100), ("gausslegendre", 8)],
+                   help="precision study: rules as method/steps (default riemann_left/100 gausslegendre/8)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/study-<kind>-<pair>.json)")
 
 
 def cmd_study(args: argparse.Namespace) -> int:
+    import torch
+
     from faig_fast.data import DegradedImageDataset
     from faig_fast.models import load_model
-    from faig_fast.apps.studies import precision_study, quadrature_markdown, quadrature_study, save_json
+    from faig_fast.apps.bench import device_name
+    from faig_fast.apps.studies import (precision_markdown, precision_study, quadrature_markdown, quadrature_study,
+                                        save_json)
 
     folder = resolve_pair_dir(args.pair)
     a, b = load_model(folder / "baseline.safetensors"), load_model(folder / "target.safetensors")
@@ -185,13 +272,16 @@ def cmd_study(args: argparse.Namespace) -> int:
     names = ds.names[: args.images]
     items = [ds[i] for i in range(len(ds)) if ds.item_name(i).split("/")[0] in names]
     if args.kind == "quadrature":
-        doc = quadrature_study(a, b, items, reference_nodes=args.reference_nodes)
+        doc = quadrature_study(a, b, items, reference_nodes=args.reference_nodes, device=args.device)
         print(quadrature_markdown(doc))
         print(f"fewest Gauss–Legendre nodes matching Riemann N=100: {doc['fewest_gl_nodes']}")
     else:
-        doc = precision_study(a, b, items, precisions=("bf16",))
-        print(json.dumps(doc["rows"], indent=1))
-    doc.update(pair=str(folder), data=args.data, crop=args.crop, images=len(names))
+        doc = precision_study(a, b, items, rules=args.rules, precisions=args.precisions,
+                              reference_nodes=args.reference_nodes, device=args.device)
+        print(precision_markdown(doc))
+    doc.update(pair=str(folder), data=args.data, crop=args.crop, images=len(names),
+               device=device_name(torch.device(args.device or "cpu")), torch_threads=torch.get_num_threads(),
+               torch=torch.__version__, options={k: v for k, v in vars(args).items() if k != "command"})
     out = args.out or results_dir() / f"study-{args.kind}-{folder.name}.json"
     print(f"results: {save_json(doc, out)}")
     return 0
@@ -200,24 +290,56 @@ def cmd_study(args: argparse.Namespace) -> int:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="attribute the shipped tiny pair on bundled images and write a report")
     p.add_argument("--out", default="runs/demo")
+    p.add_argument("--steps", type=int, default=100, help="Riemann steps of the timed runs")
+    p.add_argument("--max-side", type=int, default=96, help="longest side of the photographs (px)")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from faig_fast.apps.demo import run_demo
 
-    report = run_demo(Path(args.out))
+    report = run_demo(Path(args.out), steps=args.steps, max_side=args.max_side)
     print(f"\nDemo report: {report.resolve()}")
     return 0
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="versions, reduction backends; build the extension; check GPU kernels")
+    p.add_argument("--build", action="store_true", help="build the C++/CUDA extension now (else PyTorch is used)")
+    p.add_argument("--kernels", default=None, metavar="ARCHS",
+                   help="compile every Triton kernel and autotune config for these GPUs (e.g. sm_80,sm_90); "
+                        "no GPU needed; fails on compile errors and register spills")
+    p.add_argument("--full", action="store_true", help="with --kernels: every dtype/size specialisation")
+    p.add_argument("--nvcc", action="store_true", help="with --kernels: also compile csrc/*.cu with nvcc")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     import faig_fast
+    from faig_fast.ops import extension
     from faig_fast.ops.reduction import available_backends
 
+    if getattr(args, "build", False):
+        extension.build_extension()
     print(json.dumps({"faig_fast": faig_fast.__version__, "torch": torch.__version__,
-                      "cuda": torch.cuda.is_available(), "reduction_backends": available_backends()}, indent=2))
+                      "cuda": torch.cuda.is_available(), "reduction_backends": available_backends(),
+                      "extension": extension.extension_status()}, indent=2))
+    if getattr(args, "build", False) and extension.load_extension(warn=False, build=False) is None:
+        return 1
+    if getattr(args, "kernels", None):
+        from faig_fast.ops.aot import compile_report, nvcc_compile, report_table
+
+        rows = compile_report(args.kernels, full=args.full)
+        print(report_table(rows))
+        if args.nvcc:
+            for arch in args.kernels.split(","):
+                doc = nvcc_compile(arch)
+                for k in doc["kernels"]:
+                    print(f"nvcc {doc['arch']}: {k['name']}: {k['registers']} registers, "
+                          f"{k['spill_stores']} bytes spill stores")
+        if not all(r.ok for r in rows):
+            print(f"{sum(not r.ok for r in rows)} of {len(rows)} kernel compiles failed or spill", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -230,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_study(sub)
     _add_demo(sub)
-    sub.add_parser("info", help="versions and available reduction backends")
+    _add_info(sub)
     return parser
 
 

@@ -13,12 +13,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from faig_fast.analyses.baselines import METHODS
+from faig_fast.analyses.names import filter_set_name, input_name, method_name
 from faig_fast.utils.io import atomic_write_text
 
-METHODS = ("faig", "ig", "weight_change", "random")
-METHOD_NAMES = {"faig": "FAIG", "ig": "IG", "weight_change": "\\|θ−θ̄\\|", "random": "Random"}
-INPUT_NAMES = {"blur": "Blurry", "noise": "Noisy", "clean": "Clean"}
-SET_NAMES = {"blur": "deblurring", "noise": "denoising"}
+
+def _method(m: str) -> str:
+    """Method name for a Markdown table cell ("FAIG", "Random", "\\|θ−θ̄\\|")."""
+    return method_name(m, markdown=True, capital=True)
+
 
 # Paper Table 2 (×10⁻³, mean ± std over 3 seeds): PAPER_TABLE2[p][input][method] = (mean, std).
 PAPER_TABLE2: dict[float, dict[str, dict[str, tuple[float, float]]]] = {
@@ -95,7 +98,7 @@ def masking_section(masking: dict) -> list[str]:
         for m in methods:
             ours = [pm(mean[inp][inp][m][i], std[inp][inp][m][i], 3) for i in range(len(fr))]
             paper = [pm(*PAPER_TABLE2[p][inp][m]) if inp in PAPER_TABLE2[p] else "—" for p in (0.01, 0.05)]
-            lines.append(f"| {INPUT_NAMES.get(inp, inp)} | {METHOD_NAMES[m]} | " + " | ".join(ours + paper) + " |")
+            lines.append(f"| {input_name(inp, capital=True)} | {_method(m)} | " + " | ".join(ours + paper) + " |")
     lines += ["", HEADERS["cross"], "",
               "The same measure when the *other* degradation's filters are masked (blurry input, denoising "
               "filters masked; noisy input, deblurring filters masked). Discriminative filters give small "
@@ -108,7 +111,7 @@ def masking_section(masking: dict) -> list[str]:
                 continue
             for m in methods:
                 vals = [pm(mean[inp][other][m][i], std[inp][other][m][i], 3) for i in range(len(fr))]
-                lines.append(f"| {INPUT_NAMES.get(inp, inp)} | {SET_NAMES.get(other, other)} | {METHOD_NAMES[m]} | "
+                lines.append(f"| {input_name(inp, capital=True)} | {filter_set_name(other)} | {_method(m)} | "
                              + " | ".join(vals) + " |")
     return lines + [""]
 
@@ -124,7 +127,7 @@ def retrain_section(retrain: dict) -> list[str]:
              f"border {retrain.get('scale', 2)} px cropped) on Set14 inputs with that degradation, mean±std over "
              f"seeds {retrain.get('seeds')} (the seed changes training). Paper values in brackets.",
              "", "| task / input | upper bound | " + " | ".join(
-                 f"{SET_NAMES.get(s, s)}: {METHOD_NAMES[m]}" for s in ("blur", "noise") for m in METHODS) + " |",
+                 f"{filter_set_name(s)}: {_method(m)}" for s in ("blur", "noise") for m in METHODS) + " |",
              "|---|---:|" + "---:|" * 8]
     for inp in inputs:
         up = retrain.get("upper", {}).get(inp)
@@ -134,11 +137,11 @@ def retrain_section(retrain: dict) -> list[str]:
                 v = retrain.get("methods", {}).get(m, {}).get(s, {}).get(inp)
                 paper = PAPER_TABLE3.get(s, {}).get(inp, {}).get(m)
                 cells.append((pm(*_stats(v), digits=3) if v else "—") + (f" ({paper[0]:.3f})" if paper else ""))
-        lines.append(f"| {INPUT_NAMES.get(inp, inp)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {input_name(inp, capital=True)} | " + " | ".join(cells) + " |")
     if "reference" in retrain:
         ref = retrain["reference"]
         lines += ["", "Reference PSNR of the pair itself on the same images: " + ", ".join(
-            f"{k} {INPUT_NAMES.get(i, i).lower()} {v:.3f} dB" for k, d in ref.items() for i, v in d.items()) + "."]
+            f"{k} {input_name(i)} {v:.3f} dB" for k, d in ref.items() for i, v in d.items()) + "."]
     return lines + [""]
 
 
@@ -187,13 +190,13 @@ def distribution_section(dist: dict) -> list[str]:
     lines = [HEADERS["distribution"], "",
              f"Top {100 * dist.get('fraction', 0.01):g}% FAIG filters per conv layer (input → output). Paper: "
              "deblurring filters sit more in the back of the network, denoising filters more uniformly.", "",
-             "| layer | filters | " + " | ".join(f"{SET_NAMES.get(s, s)}" for s in sets) + " |",
+             "| layer | filters | " + " | ".join(f"{filter_set_name(s)}" for s in sets) + " |",
              "|---|---:|" + "---:|" * len(sets)]
     for i, (name, size) in enumerate(layers):
         lines.append(f"| {name} | {size} | " + " | ".join(str(sets[s][i]) for s in sets) + " |")
     if "centroid" in dist:
         lines += ["", "Mean relative depth (0 = first layer, 1 = last) of each set: " + ", ".join(
-            f"{SET_NAMES.get(s, s)} {v:.2f}" for s, v in dist["centroid"].items()) + "; Jaccard overlap of the "
+            f"{filter_set_name(s)} {v:.2f}" for s, v in dist["centroid"].items()) + "; Jaccard overlap of the "
             f"two sets: {dist.get('jaccard', float('nan')):.3f}."]
     return lines + [""]
 
@@ -208,7 +211,7 @@ def modulation_section(mod: dict) -> list[str]:
              "|---|---|" + "---:|" * len(lams)]
     for s, by_inp in mod["psnr"].items():
         for inp, vals in by_inp.items():
-            lines.append(f"| {SET_NAMES.get(s, s)} | {INPUT_NAMES.get(inp, inp).lower()} | "
+            lines.append(f"| {filter_set_name(s)} | {input_name(inp)} | "
                          + " | ".join(f"{v:.3f}" for v in vals) + " |")
     return lines + [""]
 

@@ -12,8 +12,9 @@
 8. ``figures/*.png`` — Figs. 2, 3, 4 analogues and modulation strips;
 9. ``report.md`` — everything beside the paper's numbers (rewritten whenever a stage ran).
 
-Each stage writes its file atomically (temp + ``os.replace``) and is skipped when the file exists
-(``resume=True``); ``timings.json`` keeps each stage's wall time. ``config.json`` pins the
+Steps 1–8 are the table :data:`faig_fast.apps.stages.STAGES`. Each stage writes its file atomically
+(temp + ``os.replace``) and is skipped when the file exists (``resume=True``); ``timings.json`` keeps
+each stage's wall time. ``config.json`` pins the
 configuration: resuming with a different one is refused.
 """
 from __future__ import annotations
@@ -25,28 +26,20 @@ import platform
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-
-from faig_fast.analyses import baselines as B
-from faig_fast.analyses import figures as FIG
-from faig_fast.analyses import masking as M
-from faig_fast.analyses import modulation as MOD
-from faig_fast.analyses import prediction as P
-from faig_fast.utils.io import atomic_write_json as write_json
 from faig_fast import __version__
-from faig_fast.utils.paths import data_root, shipped_pair_dir
+from faig_fast.analyses import figures as FIG
+from faig_fast.analyses.names import filter_set_name
+from faig_fast.apps.report import write_report
+from faig_fast.apps.stages import DEGS, Context, Stages, read_json, run_stages
 from faig_fast.core.attribution import Attribution, jaccard, top_count
-from faig_fast.data import DegradedImageDataset, list_images, loader
 from faig_fast.errors import InvalidInputError
-from faig_fast.models import load_model
-from faig_fast.apps.report import PAPER_PREDICTION, write_report
-
-DEGS = ("blur", "noise")
-METHODS = B.METHODS
+from faig_fast.utils.io import atomic_write_json as write_json
+from faig_fast.utils.paths import data_root as default_data_root
 
 _COMMON: dict[str, Any] = {
     "arch": "msrresnet", "scale": 2, "pair_seed": 0, "set14_images": None, "backend": "auto",
@@ -74,55 +67,6 @@ PRESET_CONFIGS: dict[str, dict[str, Any]] = {
               "ig_steps": 100, "ig_method": "riemann_left", "bsd_calib": 34, "bsd_test": 34, "bsd_crop": None,
               "prediction_steps": 100, "retrain_iters": 100_000},
 }
-
-
-# ------------------------------------------------------------------------------------ helpers
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
-
-
-class Stages:
-    """Runs named stages once: skipped when all their output files exist (``resume``)."""
-
-    def __init__(self, out_dir: Path, resume: bool, progress: bool):
-        self.out_dir, self.resume, self.progress = out_dir, resume, progress
-        self.timings_path = out_dir / "timings.json"
-        self.timings: dict[str, float] = read_json(self.timings_path) if self.timings_path.exists() else {}
-        self.ran: list[str] = []
-        self.skipped: list[str] = []
-
-    def log(self, msg: str) -> None:
-        if self.progress:
-            print(f"[reproduce] {msg}", flush=True)
-
-    def run(self, name: str, outputs: Sequence[Path], fn: Callable[[], Any]) -> bool:
-        """Run ``fn`` unless resuming and every path in ``outputs`` exists; True when it ran."""
-        if self.resume and all(Path(p).exists() for p in outputs):
-            self.skipped.append(name)
-            self.log(f"{name}: done already, skipped")
-            return False
-        self.log(f"{name}: running")
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        self.timings[name] = dt
-        write_json(self.timings_path, self.timings)
-        self.ran.append(name)
-        self.log(f"{name}: {dt:.1f} s")
-        return True
-
-
-def _rankings_for(seed: int, faig: Attribution, ig: Attribution, baseline, target) -> dict[str, dict[str, torch.Tensor]]:
-    """{method: {degradation: ranking}}; only ``random`` depends on ``seed``."""
-    wc = B.rankings("weight_change", "blur", model_a=baseline, model_b=target)
-    n = len(faig.index)
-    return {"faig": {d: faig.ranking(d) for d in DEGS}, "ig": {d: ig.ranking(d) for d in DEGS},
-            "weight_change": {d: wc for d in DEGS},
-            "random": {d: B.rankings("random", d, num_filters=n, seed=seed) for d in DEGS}}
-
-
-def _gt_pairs(ds: DegradedImageDataset) -> list[tuple[str, torch.Tensor]]:
-    return [(ds.names[j], ds.gt(j).clone()) for j in range(len(ds.names))]
 
 
 def reductions_for(cfg: dict, n_set14: int, n_bsd: tuple[int, int]) -> list[str]:
@@ -192,6 +136,32 @@ def reproduce(preset: str = "tiny", *, data_root: Path | str | None = None, out_
 def _reproduce(preset: str, data_root: Path | str | None, out_dir: Path | str | None, seeds: Sequence[int],
                steps: int | None, resume: bool, progress: bool, pair_dir: Path | str | None,
                config: dict[str, Any] | None) -> Path:
+    cfg = resolve_config(preset, config, steps, seeds)
+    data_root = Path(data_root) if data_root is not None else default_data_root()
+    if out_dir is None:
+        suffix = "" if cfg["arch"] == "msrresnet" else f"-{cfg['arch']}"
+        out_dir = Path("runs") / f"reproduce-{preset}{suffix}"
+    out_dir = Path(out_dir)
+    _prepare_out_dir(out_dir, data_root, cfg, resume)
+    st = Stages(out_dir, resume, progress)
+    ctx = Context(cfg=cfg, preset=preset, data_root=data_root, out_dir=out_dir, pair_dir=pair_dir,
+                  progress=progress, log=st.log)
+    run_stages(ctx, st)
+    report_path = out_dir / "report.md"
+    if st.ran or not report_path.exists() or not resume:
+        t0 = time.perf_counter()
+        calib, test = ctx.bsd_split
+        results = assemble_results(out_dir, cfg, ctx.faig, ctx.tops, ctx.fig_files, len(ctx.gts),
+                                   (len(calib), len(test)), {**ctx.pair, "arch": ctx.arch})
+        results["timings"] = dict(st.timings)
+        results["timings"]["report"] = time.perf_counter() - t0
+        write_report(report_path, results)
+        st.log(f"report: {report_path}")
+    return report_path
+
+
+def resolve_config(preset: str, config: dict[str, Any] | None, steps: int | None, seeds: Sequence[int]) -> dict:
+    """``PRESET_CONFIGS[preset]`` with ``config`` overrides, ``steps`` and ``seeds`` applied and checked."""
     if preset not in PRESET_CONFIGS:
         raise InvalidInputError(f"unknown preset {preset!r}; choose one of {sorted(PRESET_CONFIGS)}")
     cfg = copy.deepcopy(PRESET_CONFIGS[preset])
@@ -206,10 +176,11 @@ def _reproduce(preset: str, data_root: Path | str | None, out_dir: Path | str | 
         raise InvalidInputError("seeds is empty")
     cfg["retrain_seeds"] = list(cfg["retrain_seeds"] or cfg["seeds"])
     cfg["preset"] = preset
-    data_root = Path(data_root) if data_root is not None else data_root()
-    if out_dir is None:
-        out_dir = Path("runs") / (f"reproduce-{preset}" if cfg["arch"] == "msrresnet" else f"reproduce-{preset}-{cfg['arch']}")
-    out_dir = Path(out_dir)
+    return cfg
+
+
+def _prepare_out_dir(out_dir: Path, data_root: Path, cfg: dict, resume: bool) -> None:
+    """Check the data folders, refuse to resume a run of another configuration, pin this one."""
     for sub in ("Set14", "BSD68", "SunHays80"):
         if not (data_root / sub).is_dir():
             raise InvalidInputError(f"data_root {data_root} has no {sub}/ folder")
@@ -223,222 +194,8 @@ def _reproduce(preset: str, data_root: Path | str | None, out_dir: Path | str | 
     if not resume:
         for sub in ("retrain", "pair"):
             shutil.rmtree(out_dir / sub, ignore_errors=True)
-        for f in ("timings.json",):
-            (out_dir / f).unlink(missing_ok=True)
+        (out_dir / "timings.json").unlink(missing_ok=True)
     write_json(cfg_path, {"analysis": cfg, "data_root": str(data_root)})
-    st = Stages(out_dir, resume, progress)
-    scale, frac = cfg["scale"], cfg["fraction"]
-
-    # 1. the model pair ------------------------------------------------------------------------
-    def stage_pair() -> None:
-        src = pair_dir
-        if src == "auto":
-            shipped = shipped_pair_dir(f"{cfg['arch']}_{cfg['train_preset']}")
-            src = shipped if (shipped / "baseline.safetensors").exists() else None
-        if src is None:
-            from faig_fast.apps.train import train_pair
-            base, tgt = train_pair(cfg["arch"], cfg["train_preset"], data_root / "SunHays80", out_dir / "pair",
-                                   seed=cfg["pair_seed"], scale=scale, progress=progress)
-            info = {"source": "trained here with faig_fast.apps.train.train_pair", "baseline": str(base),
-                    "target": str(tgt)}
-        else:
-            src = Path(src)
-            kind = "the pair shipped in" if pair_dir == "auto" else "the given folder"
-            info = {"source": f"{kind} {src}", "baseline": str(src / "baseline.safetensors"),
-                    "target": str(src / "target.safetensors")}
-        for k in ("baseline", "target"):
-            load_model(info[k])  # validate now, not five stages later
-        write_json(out_dir / "pair.json", info)
-
-    st.run("pair", [out_dir / "pair.json"], stage_pair)
-    pair = read_json(out_dir / "pair.json")
-    baseline, target = load_model(pair["baseline"]).eval(), load_model(pair["target"]).eval()
-    arch = getattr(target, "arch_name", type(target).__name__)  # a given folder may hold another architecture
-
-    set14_paths = list_images(data_root / "Set14")
-    if cfg["set14_images"]:
-        set14_paths = set14_paths[: cfg["set14_images"]]
-    set14 = DegradedImageDataset(set14_paths, DEGS, scale=scale, seed=0, crop=cfg["crop"])
-    gts = _gt_pairs(set14)
-
-    # 2–3. FAIG and IG on Set14 ------------------------------------------------------------------
-    faig_path, ig_path = out_dir / "faig_set14.safetensors", out_dir / "ig_set14.safetensors"
-
-    def stage_faig() -> None:
-        from faig_fast.core.api import attribute
-        att = attribute(baseline, target, loader(set14), steps=cfg["steps"], method=cfg["method"],
-                        backend=cfg["backend"], keep_per_image=True, progress=progress)
-        att.save(faig_path)
-
-    def stage_ig() -> None:
-        B.ig_attribution(target, loader(set14), cfg["ig_steps"], method=cfg["ig_method"],
-                         keep_per_image=True).save(ig_path)
-
-    st.run("faig_set14", [faig_path], stage_faig)
-    st.run("ig_set14", [ig_path], stage_ig)
-    faig, ig = Attribution.load(faig_path), Attribution.load(ig_path)
-
-    def ranks(seed: int) -> dict[str, dict[str, torch.Tensor]]:
-        return _rankings_for(seed, faig, ig, baseline, target)
-
-    # 4. masking ---------------------------------------------------------------------------------
-    def stage_masking() -> None:
-        table = M.masking_table(target, baseline, ranks, gts, seeds=cfg["seeds"], fractions=cfg["table_fractions"],
-                                scale=scale)
-        lqs = M.degraded_inputs(gts, DEGS, scale=scale, seed=cfg["seeds"][0])
-        r0 = ranks(cfg["seeds"][0])
-        curves: dict = {}
-        for method in ("faig", "random"):
-            for mask in DEGS:
-                for inp in DEGS:
-                    curves.setdefault(method, {}).setdefault(mask, {})[inp] = M.masking_curve(
-                        target, baseline, r0[method][mask], lqs[inp], cfg["curve_fractions"])
-        write_json(out_dir / "masking.json", {"table": table, "curves": curves,
-                                              "curve_fractions": cfg["curve_fractions"]})
-
-    st.run("masking", [out_dir / "masking.json"], stage_masking)
-
-    # 5. re-training -----------------------------------------------------------------------------
-    def stage_retrain() -> None:
-        from faig_fast.analyses.retrain import retrain_filters
-        from faig_fast.analyses.evaluate import evaluate
-        data = list_images(data_root / "SunHays80")
-        if cfg["retrain_images"]:
-            data = data[: cfg["retrain_images"]]
-        partial_path = out_dir / "retrain" / "partial.json"
-        done: dict = read_json(partial_path) if partial_path.exists() else {}
-        n = len(faig.index)
-        for seed in cfg["retrain_seeds"]:
-            r = ranks(seed)
-            jobs: list[tuple[str, Any]] = [(f"upper/{task}", (None, task)) for task in DEGS]
-            seen: dict[str, str] = {}
-            for m in METHODS:
-                for fset in DEGS:
-                    idx = r[m][fset][: top_count(n, frac)]
-                    for task in DEGS:
-                        key = f"{m}/{fset}/{task}"
-                        sig = f"{sorted(idx.tolist())}/{task}"
-                        jobs.append((key, (idx, task, seen.get(sig))))
-                        seen.setdefault(sig, key)
-            for key, job in jobs:
-                full = f"{seed}/{key}"
-                if full in done:
-                    continue
-                idx, task = job[0], job[1]
-                same_as = job[2] if len(job) > 2 else None
-                if same_as is not None and f"{seed}/{same_as}" in done:
-                    done[full] = done[f"{seed}/{same_as}"]  # identical filter set (e.g. |θ−θ̄|): same run
-                else:
-                    st.log(f"re-train seed {seed} {key}")
-                    path = retrain_filters(pair["baseline"], idx, task, data,
-                                           out_dir / "retrain" / f"seed{seed}" / key.replace("/", "_"),
-                                           iters=cfg["retrain_iters"], seed=seed, lr=cfg["retrain_lr"],
-                                           batch_size=cfg["retrain_batch"], patch_size=cfg["retrain_patch"],
-                                           progress=False)
-                    done[full] = evaluate(load_model(path), gts, (task,), scale=scale, seed=seed)[task]
-                write_json(partial_path, done)
-        seeds = cfg["retrain_seeds"]
-        res: dict = {"fraction": frac, "iters": cfg["retrain_iters"], "seeds": seeds, "scale": scale,
-                     "inputs": list(DEGS), "upper": {t: [done[f"{s}/upper/{t}"] for s in seeds] for t in DEGS},
-                     "methods": {m: {fs: {t: [done[f"{s}/{m}/{fs}/{t}"] for s in seeds] for t in DEGS}
-                                     for fs in DEGS} for m in METHODS}}
-        res["reference"] = {name: evaluate(model, gts, DEGS, scale=scale, seed=seeds[0])
-                            for name, model in (("baseline", baseline), ("target", target))}
-        write_json(out_dir / "retrain.json", res)
-
-    st.run("retrain", [out_dir / "retrain.json"], stage_retrain)
-
-    # 6. degradation prediction ------------------------------------------------------------------
-    bsd = list_images(data_root / "BSD68")
-    half = len(bsd) // 2
-    calib_paths, test_paths = bsd[:half][: cfg["bsd_calib"]], bsd[half:][: cfg["bsd_test"]]
-    cal_path, test_path = out_dir / "faig_bsd68_calib.safetensors", out_dir / "faig_bsd68_test.safetensors"
-
-    def bsd_stage(paths: list[Path], path: Path) -> Callable[[], None]:
-        def fn() -> None:
-            from faig_fast.core.api import attribute
-            ds = DegradedImageDataset(paths, tuple(cfg["prediction_labels"]), scale=scale, seed=0,
-                                      crop=cfg["bsd_crop"])
-            attribute(baseline, target, loader(ds), steps=cfg["prediction_steps"], method=cfg["method"],
-                      backend=cfg["backend"], keep_per_image=True, progress=progress).save(path)
-        return fn
-
-    st.run("faig_bsd68_calib", [cal_path], bsd_stage(calib_paths, cal_path))
-    st.run("faig_bsd68_test", [test_path], bsd_stage(test_paths, test_path))
-
-    def stage_prediction() -> None:
-        res = P.run_prediction(faig, Attribution.load(cal_path), Attribution.load(test_path), fraction=frac,
-                               degradations=DEGS, fixed_thresholds=PAPER_PREDICTION["thresholds"])
-        res["split"] = (f"Discover: Set14 ({len(gts)} images); calibrate: BSD68 sorted names "
-                        f"{calib_paths[0].name}…{calib_paths[-1].name} ({len(calib_paths)}); test: "
-                        f"{test_paths[0].name}…{test_paths[-1].name} ({len(test_paths)}); labels "
-                        f"{', '.join(cfg['prediction_labels'])}.")
-        write_json(out_dir / "prediction.json", res)
-
-    st.run("prediction", [out_dir / "prediction.json"], stage_prediction)
-
-    # 7. modulation ------------------------------------------------------------------------------
-    tops = {d: faig.top(d, frac) for d in DEGS}
-
-    def stage_modulation() -> None:
-        from faig_fast.analyses.evaluate import evaluate
-        psnr: dict = {}
-        for fset in DEGS:
-            for lam in cfg["lams"]:
-                m = MOD.modulate(baseline, target, tops[fset], lam)
-                res = evaluate(m, gts, DEGS, scale=scale, seed=0)
-                for inp in DEGS:
-                    psnr.setdefault(fset, {}).setdefault(inp, []).append(res[inp])
-        write_json(out_dir / "modulation.json", {"lams": cfg["lams"], "psnr": psnr, "fraction": frac})
-
-    st.run("modulation", [out_dir / "modulation.json"], stage_modulation)
-
-    # 8. figures ---------------------------------------------------------------------------------
-    fig_dir = out_dir / "figures"
-    fig_files = {"Fig. 3 analogue — masking curves": fig_dir / "masking_curves.png",
-                 "Fig. 4 analogue — discovered 1% filters per layer": fig_dir / "layer_distribution.png",
-                 "Fig. 2 analogue — masking 1% filters": fig_dir / "masking_examples.png",
-                 "Filter modulation strips": fig_dir / "modulation.png"}
-
-    def stage_figures() -> None:
-        mk = read_json(out_dir / "masking.json")
-        FIG.plot_masking_curves(mk["curves"], mk["curve_fractions"], fig_files["Fig. 3 analogue — masking curves"],
-                                title=f"masking FAIG vs random filters ({arch}, {preset})")
-        FIG.plot_layer_distribution(faig.index, tops, fig_dir / "layer_distribution.png")
-        names = [n for n, _ in gts]
-        j = names.index(cfg["example"]) if cfg["example"] in names else 0
-        lqs = M.degraded_inputs([gts[j]], DEGS, scale=scale, seed=cfg["seeds"][0])
-        rnd = ranks(cfg["seeds"][0])["random"]
-        models = [("target output", target),
-                  ("1% deblurring masked", M.mask_filters(target, baseline, tops["blur"])),
-                  ("1% denoising masked", M.mask_filters(target, baseline, tops["noise"])),
-                  ("1% random masked", M.mask_filters(target, baseline, rnd["blur"][: top_count(len(faig.index), frac)]))]
-        rows = []
-        with torch.no_grad():
-            for inp in DEGS:
-                x = lqs[inp][0]
-                cells = [(f"{FIG.INPUT_NAMES[inp]} (LR)", x)]
-                cells += [(title, m(x[None].to(next(m.parameters())))[0].clamp(0, 1)) for title, m in models]
-                rows.append((FIG.INPUT_NAMES[inp], cells))
-        FIG.plot_image_grid(rows, fig_dir / "masking_examples.png", title=f"{gts[j][0]}: masking discovered filters")
-        strips = {f"{FIG.LABEL_NAMES[d]} filters, {FIG.INPUT_NAMES[d]}": MOD.modulation_strip(
-            baseline, target, tops[d], lqs[d][0], cfg["lams"]) for d in DEGS}
-        FIG.plot_modulation_strips(strips, cfg["lams"], fig_dir / "modulation.png",
-                                   title="θ̄ + λ(θ − θ̄) on the top 1% filters, target elsewhere")
-
-    st.run("figures", list(fig_files.values()), stage_figures)
-
-    # 9. report ----------------------------------------------------------------------------------
-    report_path = out_dir / "report.md"
-    if st.ran or not report_path.exists() or not resume:
-        t0 = time.perf_counter()
-        results = assemble_results(out_dir, cfg, faig, tops, fig_files, len(gts),
-                                   (len(calib_paths), len(test_paths)), {**pair, "arch": arch})
-        results["timings"] = dict(st.timings)
-        results["timings"]["report"] = time.perf_counter() - t0
-        write_report(report_path, results)
-        st.log(f"report: {report_path}")
-    return report_path
 
 
 # -------------------------------------------------------------------------------------- results
@@ -451,73 +208,89 @@ def _layer_distribution(faig: Attribution, tops: dict[str, torch.Tensor], frac: 
             "counts": counts, "centroid": depth, "jaccard": jaccard(tops["blur"], tops["noise"])}
 
 
-def _findings(res: dict) -> list[tuple[str, bool | None, str]]:
+Finding = tuple[str, "bool | None", str]
+
+
+def _masking_findings(mk: dict) -> list[Finding]:
+    fr, mean = mk["fractions"], mk["mean"]
+    i1 = fr.index(0.01) if 0.01 in fr else 0
+    p = f"{100 * fr[i1]:g}%"
+    own = {d: {m: mean[d][d][m][i1] for m in mk["methods"]} for d in mk["inputs"]}
+    out: list[Finding] = []
+    ok = all(own[d]["faig"] > own[d]["random"] for d in own)
+    out.append((f"Masking {p} FAIG filters hurts far more than masking {p} random filters (Table 2, Fig. 3)", ok,
+                "; ".join(f"{d}: FAIG {own[d]['faig']:.3f} vs random {own[d]['random']:.3f}" for d in own)))
+    ok = all(own[d]["faig"] >= max(own[d]["ig"], own[d]["weight_change"]) for d in own)
+    out.append((f"FAIG finds more important {p} filters than IG and |θ−θ̄| (Table 2)", ok,
+                "; ".join(f"{d}: FAIG {own[d]['faig']:.3f}, IG {own[d]['ig']:.3f}, |θ−θ̄| "
+                          f"{own[d]['weight_change']:.3f}" for d in own)))
+    if set(mk["inputs"]) >= set(DEGS):
+        a, b = mean["blur"]["blur"]["faig"][i1], mean["blur"]["noise"]["faig"][i1]
+        c, d = mean["noise"]["noise"]["faig"][i1], mean["noise"]["blur"]["faig"][i1]
+        out.append((f"The {p} FAIG filters are discriminative: masking them removes their own function more "
+                    "than the other one (Fig. 3 ①–④)", a > b and c > d,
+                    f"blurry input: deblurring set {a:.3f} vs denoising set {b:.3f}; noisy input: denoising "
+                    f"set {c:.3f} vs deblurring set {d:.3f}"))
+    return out
+
+
+def _retrain_findings(rt: dict) -> list[Finding]:
+    def mean_of(v: list) -> float:
+        return float(np.mean(v))
+    parts, ok = [], True
+    for d in DEGS:
+        f_, r_ = mean_of(rt["methods"]["faig"][d][d]), mean_of(rt["methods"]["random"][d][d])
+        ok &= f_ > r_
+        parts.append(f"{d} task, {filter_set_name(d)} filters: FAIG {f_:.3f} vs random {r_:.3f} dB")
+    out: list[Finding] = [("Re-training only the 1% FAIG filters of a degradation beats re-training 1% random "
+                           "filters (Table 3)", ok, "; ".join(parts))]
+    parts, ok = [], True
+    for d in DEGS:
+        o = "noise" if d == "blur" else "blur"
+        own_, other_ = mean_of(rt["methods"]["faig"][d][d]), mean_of(rt["methods"]["faig"][o][d])
+        ok &= own_ > other_
+        parts.append(f"{d} task: own set {own_:.3f} vs other set {other_:.3f} dB")
+    out.append(("For a task, re-training its own FAIG filters beats re-training the other degradation's "
+                "FAIG filters (Table 3)", ok, "; ".join(parts)))
+    return out
+
+
+def _prediction_finding(pr: dict) -> Finding:
+    acc = pr.get("protocols", {}).get("degraded_only", pr)["test_accuracy"]
+    full = pr["test_accuracy"]
+    return ("Overlap scores tell blurry from noisy inputs with ≥ 90% accuracy (Sec. 5.3: 98% noise, "
+            "96% blur)", all(acc[d] >= 0.9 for d in pr["degradations"]),
+            "blurry vs noisy test images, calibrated T_D: "
+            + ", ".join(f"{d} {100 * acc[d]:.1f}%" for d in pr["degradations"])
+            + "; with clean images as negatives too: "
+            + ", ".join(f"{d} {100 * full[d]:.1f}%" for d in pr["degradations"]) + ".")
+
+
+def _modulation_finding(mod: dict) -> Finding:
+    parts, ok = [], True
+    for d in DEGS:
+        v = mod["psnr"][d][d]
+        ok &= v[-1] > v[0]
+        parts.append(f"{filter_set_name(d)} filters on {d} inputs: λ=0 {v[0]:.3f} → λ=1 {v[-1]:.3f} dB")
+    return ("Moving only the 1% filters from θ̄ to θ restores their function (modulation)", ok, "; ".join(parts))
+
+
+def _findings(res: dict) -> list[Finding]:
     """The paper's qualitative claims, checked against this run's numbers."""
-    out: list[tuple[str, bool | None, str]] = []
-    mk = res.get("masking")
-    if mk:
-        fr, mean = mk["fractions"], mk["mean"]
-        i1 = fr.index(0.01) if 0.01 in fr else 0
-        p = f"{100 * fr[i1]:g}%"
-        own = {d: {m: mean[d][d][m][i1] for m in mk["methods"]} for d in mk["inputs"]}
-        ok = all(own[d]["faig"] > own[d]["random"] for d in own)
-        out.append((f"Masking {p} FAIG filters hurts far more than masking {p} random filters (Table 2, Fig. 3)", ok,
-                    "; ".join(f"{d}: FAIG {own[d]['faig']:.3f} vs random {own[d]['random']:.3f}" for d in own)))
-        ok = all(own[d]["faig"] >= max(own[d]["ig"], own[d]["weight_change"]) for d in own)
-        out.append((f"FAIG finds more important {p} filters than IG and |θ−θ̄| (Table 2)", ok,
-                    "; ".join(f"{d}: FAIG {own[d]['faig']:.3f}, IG {own[d]['ig']:.3f}, |θ−θ̄| "
-                              f"{own[d]['weight_change']:.3f}" for d in own)))
-        if set(mk["inputs"]) >= set(DEGS):
-            a, b = mean["blur"]["blur"]["faig"][i1], mean["blur"]["noise"]["faig"][i1]
-            c, d = mean["noise"]["noise"]["faig"][i1], mean["noise"]["blur"]["faig"][i1]
-            out.append((f"The {p} FAIG filters are discriminative: masking them removes their own function more "
-                        "than the other one (Fig. 3 ①–④)", a > b and c > d,
-                        f"blurry input: deblurring set {a:.3f} vs denoising set {b:.3f}; noisy input: denoising "
-                        f"set {c:.3f} vs deblurring set {d:.3f}"))
-    rt = res.get("retrain")
-    if rt:
-        def mean_of(v: list) -> float:
-            return float(np.mean(v))
-        parts, ok = [], True
-        for d in DEGS:
-            f_, r_ = mean_of(rt["methods"]["faig"][d][d]), mean_of(rt["methods"]["random"][d][d])
-            ok &= f_ > r_
-            parts.append(f"{d} task, {FIG.LABEL_NAMES[d]} filters: FAIG {f_:.3f} vs random {r_:.3f} dB")
-        out.append(("Re-training only the 1% FAIG filters of a degradation beats re-training 1% random filters "
-                    "(Table 3)", ok, "; ".join(parts)))
-        parts, ok = [], True
-        for d in DEGS:
-            o = "noise" if d == "blur" else "blur"
-            own_, other_ = mean_of(rt["methods"]["faig"][d][d]), mean_of(rt["methods"]["faig"][o][d])
-            ok &= own_ > other_
-            parts.append(f"{d} task: own set {own_:.3f} vs other set {other_:.3f} dB")
-        out.append(("For a task, re-training its own FAIG filters beats re-training the other degradation's "
-                    "FAIG filters (Table 3)", ok, "; ".join(parts)))
+    out: list[Finding] = []
+    if res.get("masking"):
+        out += _masking_findings(res["masking"])
+    if res.get("retrain"):
+        out += _retrain_findings(res["retrain"])
     dist = res.get("distribution")
     if dist:
         cb, cn = dist["centroid"]["blur"], dist["centroid"]["noise"]
         out.append(("Deblurring filters lie deeper in the network than denoising filters (Fig. 4)", cb > cn,
                     f"mean relative depth: deblurring {cb:.2f}, denoising {cn:.2f}"))
-    pr = res.get("prediction")
-    if pr:
-        prot = pr.get("protocols", {})
-        acc = prot.get("degraded_only", pr)["test_accuracy"]
-        full = pr["test_accuracy"]
-        out.append(("Overlap scores tell blurry from noisy inputs with ≥ 90% accuracy (Sec. 5.3: 98% noise, "
-                    "96% blur)", all(acc[d] >= 0.9 for d in pr["degradations"]),
-                    "blurry vs noisy test images, calibrated T_D: "
-                    + ", ".join(f"{d} {100 * acc[d]:.1f}%" for d in pr["degradations"])
-                    + "; with clean images as negatives too: "
-                    + ", ".join(f"{d} {100 * full[d]:.1f}%" for d in pr["degradations"]) + "."))
-    mod = res.get("modulation")
-    if mod:
-        parts, ok = [], True
-        for d in DEGS:
-            v = mod["psnr"][d][d]
-            ok &= v[-1] > v[0]
-            parts.append(f"{FIG.LABEL_NAMES[d]} filters on {d} inputs: λ=0 {v[0]:.3f} → λ=1 {v[-1]:.3f} dB")
-        out.append(("Moving only the 1% filters from θ̄ to θ restores their function (modulation)", ok,
-                    "; ".join(parts)))
+    if res.get("prediction"):
+        out.append(_prediction_finding(res["prediction"]))
+    if res.get("modulation"):
+        out.append(_modulation_finding(res["modulation"]))
     return out
 
 

@@ -24,7 +24,8 @@ Two documented deviations that only matter for short (CPU) runs:
 Speed: on CPU, run with ``OMP_NUM_THREADS=1`` (or ``torch.set_num_threads(1)``) when the machine is
 shared; two intra-op threads on two busy cores made the tiny model ~4× slower.
 
-Runs are deterministic for a seed (all randomness: model init from ``torch.manual_seed(seed)``,
+Runs are deterministic for a seed (all randomness: model init from ``create_model(..., seed=seed)``,
+which seeds a forked CPU RNG as ``torch.manual_seed(seed)`` would and restores the caller's state,
 crops/augmentations/degradations from one ``torch.Generator(seed)``) and resumable: ``state.pt`` holds
 model, EMA, optimiser, iteration and generator state, written atomically every ``ckpt_every`` iterations,
 and a restarted run continues from it, ending bit-identical to an uninterrupted one.
@@ -41,14 +42,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 
-from faig_fast.utils.io import atomic_write
-from faig_fast.data.images import PIL_ERRORS as _PIL_ERRORS, list_images
+from faig_fast.utils.io import atomic_write, atomic_write_text
+from faig_fast.data.images import list_images, read_image
 from faig_fast.data.degradations import add_noise, blur, downsample, quantize
 from faig_fast.errors import CheckpointError, InvalidInputError
 from faig_fast.models import create_model, list_presets, load_model, save_model
@@ -150,16 +149,9 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------------------- data
 def _read_uint8(path: Path) -> Tensor:
-    """An image file as a uint8 CHW RGB tensor (gray → RGB, alpha dropped)."""
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            arr = np.array(img, dtype=np.uint8)
-    except FileNotFoundError as e:
-        raise InvalidInputError(f"image file not found: {path}") from e
-    except _PIL_ERRORS as e:
-        raise InvalidInputError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+    """An image file as a uint8 CHW RGB tensor (kept as uint8 to hold a training set in memory);
+    decoding is :func:`faig_fast.data.images.read_image`'s (8-bit levels round-trip exactly)."""
+    return read_image(path).mul_(255.0).round_().to(torch.uint8)
 
 
 def load_training_images(data: DataSource, min_side: int = 1) -> list[Tensor]:
@@ -221,9 +213,9 @@ def sample_batch(images: Sequence[Tensor], cfg: TrainConfig, gen: torch.Generato
 
 # ---------------------------------------------------------------------------------------- model
 def build_model(cfg: TrainConfig, init: PathLike | None = None) -> nn.Module:
-    """The model to train: from ``init`` (a checkpoint) when given, else freshly initialised from
-    ``torch.manual_seed(cfg.seed)`` with the registry preset ``cfg.preset`` (if the architecture has
-    one of that name) overridden by ``cfg.model_kwargs``."""
+    """The model to train: from ``init`` (a checkpoint) when given, else freshly initialised from seed
+    ``cfg.seed`` (the caller's global RNG is left untouched) with the registry preset ``cfg.preset``
+    (if the architecture has one of that name) overridden by ``cfg.model_kwargs``."""
     if init is not None:
         model = load_model(init)
         arch = getattr(model, "arch_name", None)
@@ -235,11 +227,10 @@ def build_model(cfg: TrainConfig, init: PathLike | None = None) -> nn.Module:
                 f"init checkpoint {str(init)!r} is a x{model.upscale} model, but the config has "
                 f"scale={cfg.scale}")
         return model.train()
-    torch.manual_seed(cfg.seed)
     preset = cfg.preset if cfg.preset in list_presets(cfg.arch) else None
     kwargs = dict(cfg.model_kwargs)
     kwargs["upscale"] = cfg.scale
-    return create_model(cfg.arch, preset=preset, **kwargs).train()
+    return create_model(cfg.arch, preset=preset, seed=cfg.seed, **kwargs).train()
 
 
 def _lr_at(cfg: TrainConfig, it: int) -> float:
@@ -276,6 +267,149 @@ _COMPARED = ("arch", "preset", "scale", "iters", "batch_size", "patch_size", "lr
              "model_kwargs", "lr_schedule")
 
 
+@dataclass
+class _Run:
+    """The mutable state of one training run: model, EMA, optimiser, sampler and the frozen weights."""
+
+    model: nn.Module
+    ema: nn.Module
+    optimizer: torch.optim.Optimizer
+    gen: torch.Generator
+    mask: dict[str, Tensor] | None
+    params: dict[str, nn.Parameter]
+    frozen: dict[str, Tensor]
+    start: int = 0
+    elapsed0: float = 0.0
+
+    def state(self, cfg: TrainConfig, it: int, elapsed: float) -> dict[str, Any]:
+        return {"config": cfg.to_dict(), "iteration": it, "elapsed": elapsed,
+                "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "generator": self.gen.get_state(),
+                "masked": sorted(self.mask) if self.mask is not None else None}
+
+
+def _new_run(cfg: TrainConfig, init: PathLike | None, param_mask: dict[str, Tensor] | None,
+             device: torch.device) -> _Run:
+    """Model (trainable parameters per ``param_mask``), its EMA copy, Adam and the batch generator."""
+    model = build_model(cfg, init).to(device)
+    mask = _check_param_mask(model, param_mask) if param_mask is not None else None
+    params = dict(model.named_parameters())
+    trainable = [n for n in params if mask is None or n in mask]
+    for n, p in params.items():
+        p.requires_grad_(n in trainable)
+    optimizer = torch.optim.Adam([params[n] for n in trainable], lr=cfg.lr, betas=(0.9, 0.99))
+    ema = copy.deepcopy(model).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    return _Run(model, ema, optimizer, gen, mask, params, frozen={})
+
+
+def _resume(run: _Run, cfg: TrainConfig, state_path: Path, device: torch.device) -> None:
+    """Continue from ``state.pt`` when it exists (refused when written by another config or mask)."""
+    if not state_path.exists():
+        return
+    try:
+        state = torch.load(state_path, map_location=device, weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"cannot read training state {str(state_path)!r}: {e}") from e
+    saved = state.get("config", {})
+    diff = [k for k in _COMPARED if saved.get(k) != cfg.to_dict()[k]]
+    if diff:
+        raise InvalidInputError(
+            f"{str(state_path)!r} was written by a run with a different config ({', '.join(diff)} "
+            "differ); use another out_dir or delete it")
+    if state.get("masked") != (sorted(run.mask) if run.mask is not None else None):
+        raise InvalidInputError(f"{str(state_path)!r} was written with a different param_mask")
+    run.model.load_state_dict(state["model"])
+    run.ema.load_state_dict(state["ema"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.gen.set_state(state["generator"].cpu())
+    run.start, run.elapsed0 = int(state["iteration"]), float(state.get("elapsed", 0.0))
+
+
+def _trim_log(log_path: Path, start: int) -> None:
+    """Keep only the log lines the saved state has reached (a killed run may have logged further)."""
+    if log_path.exists():
+        kept = [ln for ln in log_path.read_text().splitlines()
+                if ln.strip() and start > 0 and json.loads(ln)["iter"] <= start]
+        atomic_write_text(log_path, "".join(ln + "\n" for ln in kept))
+
+
+def _metadata(cfg: TrainConfig, init: PathLike | None, mask: dict[str, Tensor] | None) -> dict[str, Any]:
+    """What the saved model's header records about its training."""
+    return {"iters": cfg.iters, "preset": cfg.preset, "seed": cfg.seed, "lr": cfg.lr,
+            "lr_schedule": cfg.lr_schedule, "blur_prob": cfg.blur_prob, "noise_prob": cfg.noise_prob,
+            "blur_sigma": cfg.blur_sigma, "noise_sigma": cfg.noise_sigma,
+            "kernel_size": cfg.kernel_size, "batch_size": cfg.batch_size,
+            "patch_size": cfg.patch_size, "ema_decay": cfg.ema_decay,
+            "init": str(init) if init is not None else None,
+            "masked_params": sorted(mask) if mask is not None else None, "weights": "ema"}
+
+
+def _step(run: _Run, cfg: TrainConfig, images: Sequence[Tensor], it: int, device: torch.device) -> tuple[float, float]:
+    """One optimiser step at (0-based) iteration ``it`` and the EMA update; returns (loss, lr)."""
+    lr = _lr_at(cfg, it)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    lq, gt = sample_batch(images, cfg, run.gen)
+    loss = F.l1_loss(run.model(lq.to(device)), gt.to(device))
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params, mask = run.params, run.mask
+    if mask is not None:
+        for n, m in mask.items():
+            if params[n].grad is not None:
+                params[n].grad.mul_(m)
+    run.optimizer.step()
+    with torch.no_grad():
+        if mask is not None:  # Adam on zero grads is an exact no-op; restore anyway, to be sure.
+            for n, m in mask.items():
+                params[n].copy_(torch.where(m, params[n], run.frozen[n]))
+        t = it + 1  # updates done, this one included
+        decay = min(cfg.ema_decay, (1 + t) / (10 + t))
+        for pe, pm in zip(run.ema.parameters(), run.model.parameters()):
+            pe.lerp_(pm, 1.0 - decay)  # lerp: an unchanged weight stays bit-identical in the EMA
+        for be, bm in zip(run.ema.buffers(), run.model.buffers()):
+            be.copy_(bm)
+    loss_v = loss.item()
+    if not math.isfinite(loss_v):
+        raise FloatingPointError(f"training loss became {loss_v} at iteration {it + 1}")
+    return loss_v, lr
+
+
+def _loop(run: _Run, cfg: TrainConfig, images: Sequence[Tensor], paths: tuple[Path, Path], stop_at: int,
+          device: torch.device, progress: bool, callback: Callable[[int, float], bool | None] | None
+          ) -> tuple[int, float]:
+    """Iterate from ``run.start`` to ``stop_at`` (or until ``callback`` says stop), logging and saving
+    ``state.pt``; returns (iterations done, elapsed seconds in all)."""
+    from tqdm import tqdm
+
+    state_path, log_path = paths
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.iters, initial=run.start, disable=not progress, desc=f"train {state_path.parent.name}",
+               dynamic_ncols=True)
+    it, elapsed = run.start, run.elapsed0
+    with open(log_path, "a") as log:
+        while it < stop_at:
+            loss_v, lr = _step(run, cfg, images, it, device)
+            it += 1
+            elapsed = run.elapsed0 + time.perf_counter() - t0
+            if it % cfg.log_every == 0 or it == cfg.iters:
+                log.write(json.dumps({"iter": it, "loss": loss_v, "lr": lr, "elapsed": round(elapsed, 3)}) + "\n")
+                log.flush()
+            bar.update(1)
+            if it % 10 == 0:
+                bar.set_postfix(loss=f"{loss_v:.4f}")
+            stop = callback is not None and bool(callback(it, loss_v))
+            if it % cfg.ckpt_every == 0 or it == cfg.iters or stop or it == stop_at:
+                _atomic_torch_save(run.state(cfg, it, elapsed), state_path)
+            if stop:
+                break
+    bar.close()
+    return it, elapsed
+
+
 def train(cfg: TrainConfig, data: DataSource, out_dir: PathLike, init: PathLike | None = None,
           param_mask: dict[str, Tensor] | None = None, progress: bool = True, *,
           max_iters_this_call: int | None = None,
@@ -288,9 +422,8 @@ def train(cfg: TrainConfig, data: DataSource, out_dir: PathLike, init: PathLike 
     match). ``max_iters_this_call`` / ``callback(iteration, loss) -> True`` stop early after saving
     ``state.pt`` (returned then); otherwise returns ``out_dir/model.safetensors`` (the EMA weights).
     ``out_dir/log.jsonl`` holds one ``{iter, loss, lr, elapsed}`` line every ``log_every`` iterations.
+    The caller's global RNG state is left as it was (all randomness comes from seeded generators).
     """
-    from tqdm import tqdm
-
     cfg.validate()
     if max_iters_this_call is not None and (isinstance(max_iters_this_call, bool) or not isinstance(
             max_iters_this_call, int) or max_iters_this_call < 1):
@@ -299,116 +432,21 @@ def train(cfg: TrainConfig, data: DataSource, out_dir: PathLike, init: PathLike 
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path, model_path, log_path = out_dir / "state.pt", out_dir / "model.safetensors", out_dir / "log.jsonl"
     device = torch.device(cfg.device)
-
-    model = build_model(cfg, init).to(device)
-    mask = _check_param_mask(model, param_mask) if param_mask is not None else None
-    params = dict(model.named_parameters())
-    trainable = [n for n in params if mask is None or n in mask]
-    for n, p in params.items():
-        p.requires_grad_(n in trainable)
-    optimizer = torch.optim.Adam([params[n] for n in trainable], lr=cfg.lr, betas=(0.9, 0.99))
-    ema = copy.deepcopy(model).eval()
-    for p in ema.parameters():
-        p.requires_grad_(False)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    start, elapsed0 = 0, 0.0
-
-    if state_path.exists():
-        try:
-            state = torch.load(state_path, map_location=device, weights_only=False)
-        except Exception as e:
-            raise CheckpointError(f"cannot read training state {str(state_path)!r}: {e}") from e
-        saved = state.get("config", {})
-        diff = [k for k in _COMPARED if saved.get(k) != cfg.to_dict()[k]]
-        if diff:
-            raise InvalidInputError(
-                f"{str(state_path)!r} was written by a run with a different config ({', '.join(diff)} "
-                "differ); use another out_dir or delete it")
-        if state.get("masked") != (sorted(mask) if mask is not None else None):
-            raise InvalidInputError(f"{str(state_path)!r} was written with a different param_mask")
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"].cpu())
-        start, elapsed0 = int(state["iteration"]), float(state.get("elapsed", 0.0))
-    # Only keep log lines the saved state has reached (a killed run may have logged further).
-    if log_path.exists():
-        kept = [ln for ln in log_path.read_text().splitlines()
-                if ln.strip() and start > 0 and json.loads(ln)["iter"] <= start]
-        log_path.write_text("".join(ln + "\n" for ln in kept))
-
-    frozen = {n: params[n].detach().clone() for n in (mask or {})}
-    meta = {"iters": cfg.iters, "preset": cfg.preset, "seed": cfg.seed, "lr": cfg.lr,
-            "lr_schedule": cfg.lr_schedule, "blur_prob": cfg.blur_prob, "noise_prob": cfg.noise_prob,
-            "blur_sigma": cfg.blur_sigma, "noise_sigma": cfg.noise_sigma,
-            "kernel_size": cfg.kernel_size, "batch_size": cfg.batch_size,
-            "patch_size": cfg.patch_size, "ema_decay": cfg.ema_decay,
-            "init": str(init) if init is not None else None,
-            "masked_params": sorted(mask) if mask is not None else None, "weights": "ema"}
-
-    def save_state(it: int, elapsed: float) -> None:
-        _atomic_torch_save({
-            "config": cfg.to_dict(), "iteration": it, "elapsed": elapsed,
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-            "generator": gen.get_state(), "masked": sorted(mask) if mask is not None else None,
-        }, state_path)
-
-    if start >= cfg.iters:  # finished earlier: (re)write the model only if it is missing
+    run = _new_run(cfg, init, param_mask, device)
+    _resume(run, cfg, state_path, device)
+    _trim_log(log_path, run.start)
+    run.frozen = {n: run.params[n].detach().clone() for n in (run.mask or {})}
+    meta = _metadata(cfg, init, run.mask)
+    if run.start >= cfg.iters:  # finished earlier: (re)write the model only if it is missing
         if not model_path.exists():
-            save_model(ema, model_path, {**meta, "wall_time_s": round(elapsed0, 1)})
+            save_model(run.ema, model_path, {**meta, "wall_time_s": round(run.elapsed0, 1)})
         return model_path
-
     images = load_training_images(data, min_side=cfg.patch_size)
-    t0 = time.perf_counter()
-    stop_at = cfg.iters if max_iters_this_call is None else min(cfg.iters, start + max_iters_this_call)
-    bar = tqdm(total=cfg.iters, initial=start, disable=not progress, desc=f"train {out_dir.name}",
-               dynamic_ncols=True)
-    it, elapsed = start, elapsed0
-    with open(log_path, "a") as log:
-        while it < stop_at:
-            lr = _lr_at(cfg, it)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            lq, gt = sample_batch(images, cfg, gen)
-            lq, gt = lq.to(device), gt.to(device)
-            loss = F.l1_loss(model(lq), gt)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if mask is not None:
-                for n, m in mask.items():
-                    if params[n].grad is not None:
-                        params[n].grad.mul_(m)
-            optimizer.step()
-            if mask is not None:  # Adam on zero grads is an exact no-op; restore anyway, to be sure.
-                with torch.no_grad():
-                    for n, m in mask.items():
-                        params[n].copy_(torch.where(m, params[n], frozen[n]))
-            it += 1
-            decay = min(cfg.ema_decay, (1 + it) / (10 + it))
-            with torch.no_grad():  # lerp: an unchanged weight stays bit-identical in the EMA
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm, 1.0 - decay)
-                for be, bm in zip(ema.buffers(), model.buffers()):
-                    be.copy_(bm)
-            loss_v = loss.item()
-            if not math.isfinite(loss_v):
-                raise FloatingPointError(f"training loss became {loss_v} at iteration {it}")
-            elapsed = elapsed0 + time.perf_counter() - t0
-            if it % cfg.log_every == 0 or it == cfg.iters:
-                log.write(json.dumps({"iter": it, "loss": loss_v, "lr": lr, "elapsed": round(elapsed, 3)}) + "\n")
-                log.flush()
-            bar.update(1)
-            if it % 10 == 0:
-                bar.set_postfix(loss=f"{loss_v:.4f}")
-            stop = callback is not None and bool(callback(it, loss_v))
-            if it % cfg.ckpt_every == 0 or it == cfg.iters or stop or it == stop_at:
-                save_state(it, elapsed)
-            if stop:
-                break
-    bar.close()
+    stop_at = cfg.iters if max_iters_this_call is None else min(cfg.iters, run.start + max_iters_this_call)
+    it, elapsed = _loop(run, cfg, images, (state_path, log_path), stop_at, device, progress, callback)
     if it < cfg.iters:
         return state_path
-    save_model(ema, model_path, {**meta, "wall_time_s": round(elapsed, 1)})
+    save_model(run.ema, model_path, {**meta, "wall_time_s": round(elapsed, 1)})
     return model_path
 
 

@@ -1,8 +1,19 @@
-"""``faig_fast.attribute``: the entry point other research code calls."""
+"""``faig_fast.attribute``: the entry point other research code calls, and the one batch loop that
+``faig attribute`` (:func:`faig_fast.apps.runs.attribute_dataset`) shares with it.
+
+:class:`Attributor` validates batches (inferring the model's scale from one forward pass when it
+declares none), integrates them through :class:`~faig_fast.core.engine.PathEngine`, reduces the
+gradients to per-filter scores that are summed per degradation on the device
+(:class:`LabelSums`), and checks the completeness of Eq. 4 on a sample of images
+(:class:`CompletenessGuard`): a path integral that does not add up to the loss change is a silent
+wrong answer, so it warns.
+"""
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -10,97 +21,320 @@ from tqdm.auto import tqdm
 
 import faig_fast
 from faig_fast.core.attribution import Attribution
-from faig_fast.core.batches import Batch, iterate_batches, model_scale
+from faig_fast.core.batches import Batch, check_sizes, infer_scale, model_scale, normalize_batch
 from faig_fast.core.engine import ImageResult, PathEngine
+from faig_fast.core.filters import FilterIndex
 from faig_fast.core.pair import model_hash
 from faig_fast.core.quadrature import nodes_and_weights
+from faig_fast.errors import CompletenessWarning, InvalidInputError
 from faig_fast.ops.reduction import filter_abs_sum, filter_abs_sum_accumulate
+
+#: Extra cost the completeness check may add: it runs 2 forward passes per checked image, against
+#: ≥ 2·steps forward-equivalents (forward + backward per step) to integrate that image.
+CHECK_COST = 0.05
+#: Loss changes below this fraction of the loss (by precision) are measured against that fraction: on
+#: an image both models restore about equally well, ΔL is a small difference of large losses and the
+#: quadrature error of f(α) = dL/dα, whose size follows the loss rather than ΔL, dominates it
+#: (measured: 0.7 % loss change, error 1.2·|ΔL| with 4 Riemann steps, falling as 1/N).
+LOSS_FLOOR = {"fp64": 0.05, "fp32": 0.05, "tf32": 0.1, "bf16": 0.2}
+
+
+def completeness_tolerance(method: str, steps: int) -> float:
+    """The largest completeness error (see :meth:`CompletenessGuard.error`) a quadrature rule with
+    ``steps`` nodes explains.
+
+    The error e = |S − ΔL| / max(|S|, |ΔL|) (S = Σ_i FAIG_i, ΔL = L(θ̄) − L(θ)) lies in [0, 2]: e ≈ 1
+    when one of them is negligible next to the other (a path integral unrelated to the loss change),
+    ≈ 2 when they have opposite signs.  The left/right Riemann sums err by ≈ |f(1) − f(0)| / (2N)
+    with f(α) = dL/dα (first order in 1/N); the midpoint, trapezoid and Gauss–Legendre rules are of
+    (at least) second order.  Allowing |f(1) − f(0)| up to 20·max(|S|, |ΔL|) gives 10/N^order; the
+    bound never goes below 0.25 (ReLU kinks, curved paths) nor above 0.75, so an unrelated path
+    integral (e ≈ 1) always trips it.  Rules with N^order < 4 are too coarse for any bound below 1
+    (:func:`too_coarse`): the check is skipped for them.
+    """
+    return min(0.75, max(0.25, 10.0 / steps ** _order(method)))
+
+
+def _order(method: str) -> int:
+    return 1 if method in ("riemann_left", "riemann_right") else 2
+
+
+def too_coarse(method: str, steps: int) -> bool:
+    """True for rules (e.g. Riemann with < 4 steps) whose error can reach that of an unrelated integral."""
+    return steps ** _order(method) < 4
 
 
 @dataclass
-class ImageScore:
-    """One image's per-filter scores Σ_kk |FAIG_i| and, when asked, its convergence delta."""
+class Check:
+    """One image's Σ_i FAIG_i over every parameter and its endpoint losses L(θ), L(θ̄) (0-d tensors)."""
 
-    label: str
-    name: str
+    total: torch.Tensor
+    loss_target: torch.Tensor
+    loss_baseline: torch.Tensor
+
+
+HostCheck = tuple  # (Σ FAIG, L(θ), L(θ̄)) as floats
+
+
+def checks_to_host(checks: Sequence[Check | None]) -> list[HostCheck | None]:
+    """Device checks as float triples, in one transfer (no sync per image)."""
+    present = [c for c in checks if c is not None]
+    if not present:
+        return [None] * len(checks)
+    flat = torch.stack([torch.stack([c.total, c.loss_target, c.loss_baseline]).double() for c in present])
+    rows = iter(flat.cpu().tolist())
+    return [tuple(next(rows)) if c is not None else None for c in checks]
+
+
+def relative_delta(check: HostCheck) -> float:
+    """|Σ_i FAIG_i − (L(θ̄) − L(θ))| / |L(θ̄) − L(θ)|: the convergence delta of Eq. 4."""
+    total, l_target, l_baseline = check
+    diff = l_baseline - l_target
+    return abs(total - diff) / max(abs(diff), 1e-12)
+
+
+@dataclass
+class BatchScores:
+    """Per-image scores of one batch (``scores`` (B, F) float64 on the engine's device) with the
+    dataset positions of its images and the completeness checks of the sampled ones."""
+
+    labels: list[str]
+    names: list[str]
+    positions: list[int]
     scores: torch.Tensor
-    delta: float | None = None
+    checks: list[Check | None]
+
+
+class CompletenessGuard:
+    """Eq. 4 on a sample of images: the first, then every ``every``-th, so that the two extra
+    forward passes per checked image cost at most ``CHECK_COST`` of the run."""
+
+    def __init__(self, method: str, steps: int, precision: str, enabled: bool, every_image: bool,
+                 skip_reason: str | None = None):
+        self.method, self.steps = method, steps
+        if skip_reason is None and too_coarse(method, steps):
+            skip_reason = f"the {method} rule with {steps} steps is too coarse to check"
+        self.enabled = enabled and skip_reason is None
+        self.every_image = every_image
+        self.every = 1 if every_image else max(1, math.ceil(1.0 / (CHECK_COST * steps)))
+        self.tolerance = completeness_tolerance(method, steps)
+        self.floor = LOSS_FLOOR.get(precision, 0.05)
+        self.skip_reason = skip_reason if enabled else "check_completeness=False"
+
+    def wants(self, position: int) -> bool:
+        return self.every_image or (self.enabled and position % self.every == 0)
+
+    def error(self, check: HostCheck) -> float:
+        """|S − ΔL| / max(|S|, |ΔL|, floor·max(L(θ), L(θ̄))); NaN/Inf give +Inf.
+
+        The floor keeps images that both models restore about equally well (ΔL ≈ 0, where any
+        relative error is cancellation) from tripping the check.
+        """
+        total, l_target, l_baseline = check
+        if not all(math.isfinite(v) for v in check):
+            return math.inf
+        diff = l_baseline - l_target
+        scale = max(abs(total), abs(diff), self.floor * max(abs(l_target), abs(l_baseline)), 1e-30)
+        return abs(total - diff) / scale
+
+    def report(self, items: Sequence[tuple[int, str, HostCheck | None]]) -> dict:
+        """Summary for ``meta["completeness"]``; warns (CompletenessWarning) when an image fails."""
+        if not self.enabled:
+            return {"checked": 0, "skipped": self.skip_reason}
+        checked = [(p, n, c) for p, n, c in items if c is not None]
+        errors = [self.error(c) for _, _, c in checked]
+        bad = [i for i, e in enumerate(errors) if e > self.tolerance]
+        out = {"checked": len(checked), "every": self.every, "tolerance": self.tolerance,
+               "images": [n for _, n, _ in checked], "delta": [relative_delta(c) for _, _, c in checked],
+               "error": errors, "flagged": len(bad)}
+        if bad:
+            worst = max(bad, key=lambda i: errors[i])
+            _, name, (total, l_target, l_baseline) = checked[worst]
+            warnings.warn(
+                f"FAIG completeness check failed on {len(bad)} of {len(checked)} checked images: on '{name}' "
+                f"Σ FAIG = {total:.6g} but L(θ̄) − L(θ) = {l_baseline - l_target:.6g} (completeness error "
+                f"{errors[worst]:.3g}, the {self.method} rule with {self.steps} steps explains ≤ "
+                f"{self.tolerance:.3g}). The model probably changes between forward passes (edits its input or "
+                "weights in place, counts calls, draws random numbers), or the pair is too far apart for this "
+                "rule (try more steps or method='gausslegendre'): the scores may be wrong.",
+                CompletenessWarning, stacklevel=4)
+        return out
 
 
 class Attributor:
-    """A model pair prepared for FAIG: the engine, the per-filter reduction and provenance."""
+    """A model pair prepared for FAIG: the engine, the filter index and reduction, batch validation,
+    the completeness guard and provenance."""
 
     def __init__(self, model_a: nn.Module, model_b: nn.Module, *, steps: int = 100, method: str = "riemann_left",
                  device: torch.device | str | None = None, strategy: str = "auto", precision: str = "fp32",
                  internal_batch_size: int | None = None, memory_budget: int | None = None, backend: str = "auto",
-                 return_convergence_delta: bool = False):
+                 return_convergence_delta: bool = False, filters: str = "conv", mode: str = "eval",
+                 check_completeness: bool = True):
         nodes_and_weights(method, steps)
         self.engine = PathEngine(model_a, model_b, device=device, strategy=strategy, precision=precision,
-                                 chunk_size=internal_batch_size, memory_budget=memory_budget)
+                                 chunk_size=internal_batch_size, memory_budget=memory_budget, mode=mode)
+        self.index = FilterIndex.from_model(model_b, filters=filters)
         self.steps, self.method = steps, method
         self.internal_batch_size = internal_batch_size
         self.with_delta = return_convergence_delta
-        self.scorer = FilterScorer(self.engine, backend)
+        self.scorer = FilterScorer(self.engine, backend, self.index)
         self.scale = model_scale(model_b)
+        self.channels: tuple[int, int] | None = None  # (lq, gt) channels, fixed by the first batch
+        # floating buffers that differ move along the path without a gradient: Eq. 4 over parameters fails
+        moved = [n for n, d in self.engine.buffer_delta.items() if bool(d.ne(0).any())]
+        skip = (f"floating buffers differ between the models ({', '.join(moved[:3])}): they move along the path "
+                "without a gradient, so Eq. 4 over parameters cannot hold") if moved else None
+        self.guard = CompletenessGuard(method, steps, precision, check_completeness, return_convergence_delta, skip)
         self.meta = {
             "steps": steps, "method": method, "rule": f"{method}/{steps}", "strategy": self.engine.strategy,
             "precision": precision, "device": str(self.engine.device), "version": faig_fast.__version__,
             "model_a_sha256": model_hash(model_a), "model_b_sha256": model_hash(model_b),
-            "architecture": type(model_b).__name__,
+            "architecture": type(model_b).__name__, "filters": filters, "mode": mode, "scale": self.scale,
         }
 
     def new_result(self, keep_per_image: bool = False) -> Attribution:
-        return Attribution(self.engine.index, self.meta, keep_per_image)
+        return Attribution(self.index, self.meta, keep_per_image)
 
-    def score_batch(self, batch: Batch, sums: "LabelSums | None" = None) -> Iterator[ImageScore]:
-        """Per-image scores of one validated batch, in order; with ``sums``, also added to it on the device."""
+    # validation ---------------------------------------------------------------------------------
+    def batches(self, loader: Iterable) -> Iterator[tuple[int, Batch]]:
+        """Validated batches of ``loader`` with the position of their first image; raises if empty."""
+        if loader is None:
+            raise InvalidInputError("loader is None: pass an iterable of (lq, gt, label) batches")
+        count = 0
+        for i, raw in enumerate(loader):
+            b = self.validate(normalize_batch(raw, i, self.scale, count), f"batch {i}")
+            yield count, b
+            count += len(b)
+        if count == 0:
+            raise InvalidInputError("the loader yielded no images: nothing to attribute")
+
+    def validate(self, batch: Batch, where: str) -> Batch:
+        """Check a batch against the model: the first one by a forward pass (inferring the scale when the
+        model declares none; output channels and size must equal gt's), later ones by channel counts."""
+        channels = (batch.lq.shape[1], batch.gt.shape[1])
+        if self.channels is None:
+            out_shape = self._probe(batch, where)
+            if self.scale is None:
+                self.scale = infer_scale(tuple(batch.lq.shape[-2:]), out_shape[-2:], where)
+                self.meta["scale"] = self.scale
+                check_sizes(batch.lq, batch.gt, self.scale, where)
+            if tuple(out_shape) != tuple(batch.gt.shape[1:]):
+                raise InvalidInputError(
+                    f"{where}: the model maps lq of shape {tuple(batch.lq.shape[1:])} to an output of shape "
+                    f"{tuple(out_shape)} (channels, height, width) but gt has shape {tuple(batch.gt.shape[1:])}")
+            self.channels = channels
+        elif channels != self.channels:
+            raise InvalidInputError(
+                f"{where}: lq/gt have {channels[0]}/{channels[1]} channels but the first batch had "
+                f"{self.channels[0]}/{self.channels[1]}")
+        return batch
+
+    def _probe(self, batch: Batch, where: str) -> tuple[int, ...]:
+        """Output shape (C, H, W) of the target model on the batch's first image."""
+        x = batch.lq[:1].to(self.engine.device, self.engine.dtype).clone()  # the model may edit it in place
+        try:
+            with torch.no_grad():
+                out = self.engine.forward(0.0, x)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:
+            raise InvalidInputError(
+                f"{where}: the model cannot run on lq of shape {tuple(batch.lq.shape[1:])}: {e}") from e
+        return tuple(out.shape[1:])
+
+    # scoring ------------------------------------------------------------------------------------
+    def score_batch(self, batch: Batch, sums: "LabelSums | None", positions: Sequence[int]) -> BatchScores:
+        """Per-image scores of one validated batch; with ``sums``, also added to it on the device.
+
+        ``positions`` (dataset positions of the images) choose which images the completeness guard checks.
+        """
         n = len(batch)
         chunk = max(1, self.internal_batch_size or n)
+        parts, checks = [], []
         for start in range(0, n, chunk):
             sl = slice(start, start + chunk)
-            images = self.engine.integrate(batch.lq[sl], batch.gt[sl], self.method, self.steps,
-                                           endpoints=self.with_delta)
-            scores = self.scorer(images, batch.labels[sl], sums)
+            images = self.engine.integrate(batch.lq[sl], batch.gt[sl], self.method, self.steps)
+            parts.append(self.scorer(images, batch.labels[sl], sums))
             self.meta["strategy"] = self.engine.strategy
             for j, img in enumerate(images):
                 k = start + j
-                delta = convergence_delta(self.engine, img) if self.with_delta else None
-                yield ImageScore(batch.labels[k], batch.names[k], scores[j], delta)
+                checks.append(self.check(img, batch.lq[k:k + 1], batch.gt[k:k + 1])
+                              if self.guard.wants(positions[k]) else None)
+        return BatchScores(list(batch.labels), list(batch.names), list(positions), torch.cat(parts), checks)
+
+    def check(self, img: ImageResult, lq: torch.Tensor, gt: torch.Tensor) -> Check:
+        """Σ_i FAIG_i over every parameter and the endpoint losses for one image, on the device."""
+        e = self.engine
+        total = torch.zeros((), dtype=torch.float64, device=e.device)
+        for n in e.param_names:
+            g = img.grads.get(n)
+            if g is not None:
+                total = total + (e.delta[n].double() * g.double()).sum()
+        x, y = lq.to(e.device, e.dtype), gt.to(e.device, e.dtype).double()
+        with torch.no_grad():
+            losses = [((e.forward(a, x.clone()).double() - y) ** 2).sum() for a in (0.0, 1.0)]
+        return Check(total, losses[0], losses[1])
+
+    def finish(self, result: Attribution, items: Sequence[tuple[int, str, HostCheck | None]]) -> Attribution:
+        """Provenance, convergence deltas (when asked) and the completeness report into ``result``.
+
+        ``items``: (position, name, check) of every image, in dataset order.
+        """
+        if self.with_delta:
+            result.convergence_delta = [relative_delta(c) for _, _, c in items]
+        result.meta.update(self.meta)
+        result.meta["completeness"] = self.guard.report(items)
+        return result
+
+
+def record_batch(result: Attribution, bs: BatchScores, keep_per_image: bool) -> None:
+    """Count a batch's images in ``result`` (their sums reach it separately), copying scores if kept."""
+    host = bs.scores.cpu() if keep_per_image else None
+    for j, (label, name) in enumerate(zip(bs.labels, bs.names)):
+        result.record(label, name)
+        if host is not None:
+            result.image_scores.append(host[j])
 
 
 def attribute(model_a: nn.Module, model_b: nn.Module, loader: Iterable, *, steps: int = 100,
               method: str = "riemann_left", device: torch.device | str | None = None, strategy: str = "auto",
               precision: str = "fp32", internal_batch_size: int | None = None, memory_budget: int | None = None,
               backend: str = "auto", keep_per_image: bool = False, return_convergence_delta: bool = False,
-              progress: bool = False) -> Attribution:
-    """FAIG of every conv filter between baseline ``model_a`` (θ̄) and target ``model_b`` (θ).
+              progress: bool = False, filters: str = "conv", mode: str = "eval",
+              check_completeness: bool = True) -> Attribution:
+    """FAIG of every filter between baseline ``model_a`` (θ̄) and target ``model_b`` (θ).
 
-    ``loader`` yields ``(lq, gt, label)`` tuples or dicts (tensors CHW or BCHW in [0, 1]; ``label``
-    a string or one string per sample).  ``steps`` and ``method`` choose the quadrature of Eq. 5
-    (``riemann_left`` with 100 steps is the paper's Eq. 6).  ``strategy`` picks the engine
-    (``loop``, ``vmap``, ``linear``; ``auto`` = fastest for the device), ``precision`` one of
-    ``fp32``, ``tf32``, ``bf16``, ``fp64``.  ``internal_batch_size`` caps the steps (and images,
-    for ``vmap``) run in one batched pass; by default chunks are planned from free memory or
-    ``memory_budget`` bytes.  ``return_convergence_delta`` records, per image,
-    |Σ_i FAIG_i − (L(θ̄) − L(θ))| / |L(θ̄) − L(θ)| over all parameters (Eq. 4).
+    ``loader`` yields ``(lq, gt, label[, name])`` tuples or dicts (tensors CHW or BCHW in [0, 1], any
+    channel count; ``label`` a string or one string per sample).  The model's scale is its ``upscale``
+    or ``scale`` attribute, else inferred from one forward pass (1 for denoisers).  ``steps`` and
+    ``method`` choose the quadrature of Eq. 5 (``riemann_left`` with 100 steps is the paper's Eq. 6).
+    ``strategy`` picks the engine (``loop``, ``vmap``, ``linear``; ``auto`` = fastest for the device),
+    ``precision`` one of ``fp32``, ``tf32``, ``bf16``, ``fp64``.  ``internal_batch_size`` caps the
+    steps (and images, for ``vmap``) run in one batched pass; by default chunks are planned from free
+    memory or ``memory_budget`` bytes.  ``filters`` is ``"conv"`` (the paper's K×K conv slices) or
+    ``"conv+linear"``; ``mode`` (``"eval"``, ``"train"``, ``"as-is"``) the module mode of the passes.
+    ``return_convergence_delta`` records, per image, |Σ_i FAIG_i − (L(θ̄) − L(θ))| / |L(θ̄) − L(θ)|
+    over all parameters (Eq. 4).  ``check_completeness`` computes it on a sample of images (≤ 5 %
+    extra cost; ``meta["completeness"]``) and warns with :class:`~faig_fast.errors.CompletenessWarning`
+    when it exceeds what the quadrature rule explains.
     """
     att = Attributor(model_a, model_b, steps=steps, method=method, device=device, strategy=strategy,
                      precision=precision, internal_batch_size=internal_batch_size, memory_budget=memory_budget,
-                     backend=backend, return_convergence_delta=return_convergence_delta)
+                     backend=backend, return_convergence_delta=return_convergence_delta, filters=filters,
+                     mode=mode, check_completeness=check_completeness)
     result = att.new_result(keep_per_image)
-    sums = None if keep_per_image else LabelSums(len(att.engine.index), att.engine.device)
+    sums = LabelSums(len(att.index), att.engine.device)
+    positions, names, checks = [], [], []
     with tqdm(desc="FAIG", unit="img", disable=not progress) as bar:
-        for batch in iterate_batches(loader, att.scale):
-            for s in att.score_batch(batch, sums):
-                if sums is None:
-                    result.add(s.label, s.scores, s.name, s.delta)
-                else:
-                    result.record(s.label, s.name, s.delta)
-                bar.update(1)
-    if sums is not None:
-        result.add_sums(sums.to_host())
-    result.meta.update(att.meta)
-    return result
+        for pos, batch in att.batches(loader):
+            bs = att.score_batch(batch, sums, range(pos, pos + len(batch)))
+            record_batch(result, bs, keep_per_image)
+            positions += bs.positions
+            names += bs.names
+            checks += bs.checks
+            bar.update(len(batch))
+    result.add_sums(sums.to_host())
+    return att.finish(result, list(zip(positions, names, checks_to_host(checks))))
 
 
 class LabelSums:
@@ -120,24 +354,31 @@ class LabelSums:
             self.totals = torch.cat([self.totals, pad])
         return torch.tensor([self.rows[l] for l in labels], dtype=torch.int64, device=self.totals.device)
 
+    def add(self, other: "LabelSums") -> None:
+        """Add another run's sums row by row, on the device (float64, so the same as on the host)."""
+        if other.rows:
+            rows = self.label_index(list(other.rows))  # may grow self.totals: index it afterwards
+            self.totals[rows] += other.totals
+
     def to_host(self) -> dict[str, torch.Tensor]:
         host = self.totals.cpu()
         return {l: host[i] for l, i in self.rows.items()}
 
 
 class FilterScorer:
-    """Per-filter Σ_kk |Δ ⊙ ḡ| for all conv layers, one reduction launch per kernel area.
+    """Per-filter Σ_kk |Δ ⊙ ḡ| for every layer of ``index``, one reduction launch per kernel area.
 
     With ``sums`` the launch also adds each image's scores to its degradation's row (the fused
     reduce-and-accumulate kernel, into a per-batch buffer in the gradients' dtype that is then added
     to the float64 totals), so nothing leaves the device per image.
     """
 
-    def __init__(self, engine: PathEngine, backend: str = "auto"):
+    def __init__(self, engine: PathEngine, backend: str = "auto", index: FilterIndex | None = None):
         self.engine = engine
         self.backend = backend
+        self.index = engine.index if index is None else index
         self.groups: dict[int, list] = {}
-        for layer in engine.index.layers:
+        for layer in self.index.layers:
             self.groups.setdefault(layer.kk, []).append(layer)
         self.deltas = {kk: torch.cat([engine.delta[l.name].reshape(-1) for l in ls])
                        for kk, ls in self.groups.items()}
@@ -146,7 +387,7 @@ class FilterScorer:
                  sums: LabelSums | None = None) -> torch.Tensor:
         """(B, F) float64 scores on the engine's device; with ``labels`` and ``sums``, also accumulated."""
         device = self.engine.device
-        out = torch.empty(len(images), len(self.engine.index), dtype=torch.float64, device=device)
+        out = torch.empty(len(images), len(self.index), dtype=torch.float64, device=device)
         idx = sums.label_index(list(labels)) if sums is not None else None
         for kk, layers in self.groups.items():
             grads = torch.stack([torch.cat([img.grads[l.name].reshape(-1) for l in layers]) for img in images])
@@ -167,9 +408,3 @@ class FilterScorer:
                 pos += l.num_filters
         return out
 
-
-def convergence_delta(engine: PathEngine, img: ImageResult) -> float:
-    """Relative completeness error of Eq. 4 for one image, over every parameter (signed)."""
-    total = sum(float((engine.delta[n].double() * img.grads[n].double()).sum()) for n in engine.param_names)
-    diff = img.loss_baseline - img.loss_target
-    return abs(total - diff) / max(abs(diff), 1e-12)

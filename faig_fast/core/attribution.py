@@ -12,9 +12,11 @@ from safetensors import safe_open
 
 from faig_fast.utils.io import atomic_save_safetensors, atomic_write_text
 from faig_fast.errors import FAIGError, InvalidInputError
-from faig_fast.core.filters import FilterIndex, FilterInfo
+from faig_fast.core.filters import ChannelInfo, FilterIndex, FilterInfo, LayerInfo
 
-FORMAT = "faig_fast.core.attribution/1"
+FORMAT = "faig_fast.core.attribution/2"
+"""Version 2 records each layer's kind and groups (needed for ``by="channel"``)."""
+READABLE_FORMATS = ("faig_fast.core.attribution/1", FORMAT)
 
 
 class Attribution:
@@ -22,6 +24,11 @@ class Attribution:
 
     ``scores(D)`` is Eq. 7: the mean score over images labelled ``D`` minus the mean over all
     images not labelled ``D``.  Per-image scores and convergence deltas are kept when requested.
+
+    Every query takes ``by="filter"`` (default), ``"channel"`` (one score per output channel or
+    neuron: the sum of its filters' scores) or ``"layer"`` (the sum over the layer); ``units(by)``
+    labels the entries.  Eq. 7 is linear, so aggregating per-filter Eq. 7 equals Eq. 7 of the
+    aggregated sums.
     """
 
     def __init__(self, index: FilterIndex, meta: dict | None = None, keep_per_image: bool = False):
@@ -67,9 +74,14 @@ class Attribution:
                 self.sums[label] = s.clone()
 
     def merge(self, other: "Attribution") -> "Attribution":
-        """Combine two partial results over disjoint images (e.g. shards)."""
+        """Combine two partial results over disjoint images (e.g. shards), in place; per-image lists
+        are concatenated (``self``'s images first)."""
         if other.index != self.index:
-            raise FAIGError("cannot merge attributions of different models")
+            raise FAIGError("cannot merge attributions of different models (their filter indices differ)")
+        if self.image_names and other.image_names and bool(self.image_scores) != bool(other.image_scores):
+            raise FAIGError("cannot merge an attribution with per-image scores and one without")
+        if not self.image_names and other.image_names:
+            self.keep_per_image = other.keep_per_image
         for label, s in other.sums.items():
             self.sums[label] = self.sums[label] + s if label in self.sums else s.clone()
             self.counts[label] = self.counts.get(label, 0) + other.counts[label]
@@ -89,37 +101,42 @@ class Attribution:
         """(layer, out channel, in channel, flat index) of every filter, in flat-index order."""
         return list(self.index)
 
+    def units(self, by: str = "filter") -> list[FilterInfo] | list[ChannelInfo] | list[LayerInfo]:
+        """Labels of the entries of ``scores(..., by=by)``: filters, (layer, channel) pairs or layers."""
+        return self.index.units(by)
+
     def _check_label(self, label: str) -> None:
         if label not in self.sums:
             raise InvalidInputError(f"unknown degradation label '{label}'; this attribution has {self.labels}")
 
-    def mean(self, label: str) -> torch.Tensor:
-        """Mean per-filter score over the images labelled ``label``."""
+    def mean(self, label: str, *, by: str = "filter") -> torch.Tensor:
+        """Mean score over the images labelled ``label``, per filter, channel or layer."""
         self._check_label(label)
-        return self.sums[label] / self.counts[label]
+        return self.index.aggregate(self.sums[label] / self.counts[label], by)
 
-    def scores(self, label: str, subtract_others: bool = True) -> torch.Tensor:
-        """Eq. 7 for degradation ``label`` (float64, one value per filter)."""
-        m = self.mean(label)
+    def scores(self, label: str, subtract_others: bool = True, *, by: str = "filter") -> torch.Tensor:
+        """Eq. 7 for degradation ``label`` (float64, one value per ``by``-unit, see :meth:`units`)."""
+        self._check_label(label)
+        m = self.sums[label] / self.counts[label]
         others = [l for l in self.sums if l != label]
-        if not subtract_others or not others:
-            return m
-        total = sum(self.sums[l] for l in others)
-        return m - total / sum(self.counts[l] for l in others)
+        if subtract_others and others:
+            m = m - sum(self.sums[l] for l in others) / sum(self.counts[l] for l in others)
+        return self.index.aggregate(m, by)
 
-    def ranking(self, label: str, subtract_others: bool = True) -> torch.Tensor:
-        """Flat filter indices by descending score; ties keep index order (deterministic)."""
-        return torch.sort(self.scores(label, subtract_others), descending=True, stable=True).indices
+    def ranking(self, label: str, subtract_others: bool = True, *, by: str = "filter") -> torch.Tensor:
+        """Unit indices (flat filter indices for ``by="filter"``) by descending score; ties keep index order."""
+        return torch.sort(self.scores(label, subtract_others, by=by), descending=True, stable=True).indices
 
-    def top(self, label: str, fraction: float = 0.01, subtract_others: bool = True) -> torch.Tensor:
-        """The top ``fraction`` of filters for ``label`` (at least one)."""
-        return self.ranking(label, subtract_others)[: top_count(len(self.index), fraction)]
+    def top(self, label: str, fraction: float = 0.01, subtract_others: bool = True, *,
+            by: str = "filter") -> torch.Tensor:
+        """The top ``fraction`` of filters (channels, layers) for ``label`` (at least one)."""
+        return self.ranking(label, subtract_others, by=by)[: top_count(self.index.num_units(by), fraction)]
 
-    def image_ranking(self, i: int) -> torch.Tensor:
-        """Ranking of image ``i``'s own filter scores (Eq. 6, used by degradation prediction)."""
+    def image_ranking(self, i: int, *, by: str = "filter") -> torch.Tensor:
+        """Ranking of image ``i``'s own scores (Eq. 6, used by degradation prediction)."""
         if not self.image_scores:
             raise FAIGError("per-image scores were not kept: call attribute(..., keep_per_image=True)")
-        return torch.sort(self.image_scores[i], descending=True, stable=True).indices
+        return torch.sort(self.index.aggregate(self.image_scores[i], by), descending=True, stable=True).indices
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{l}: {self.counts[l]}" for l in self.labels)
@@ -156,8 +173,9 @@ class Attribution:
             raise InvalidInputError(f"attribution file not found: {path}") from None
         except Exception as e:  # safetensors raises its own types for corrupt files
             raise InvalidInputError(f"{path} is not a readable faig_fast attribution file: {e}") from None
-        if header.get("format") != FORMAT:
-            raise InvalidInputError(f"{path}: unknown attribution format {header.get('format')!r}")
+        if header.get("format") not in READABLE_FORMATS:
+            raise InvalidInputError(f"{path}: unknown attribution format {header.get('format')!r}; "
+                                    f"this version reads {list(READABLE_FORMATS)}")
         a = cls(FilterIndex.from_json(header["filters"]), header["meta"], header["keep_per_image"])
         a.counts = {k: int(v) for k, v in header["counts"].items()}
         a.sums = {l: tensors[f"sum/{l}"] for l in a.counts}
@@ -166,6 +184,9 @@ class Attribution:
         a.convergence_delta = header["convergence_delta"]
         if "per_image" in tensors:
             a.image_scores = list(tensors["per_image"].unbind(0))
+        n = len(a.index)
+        if any(s.shape != (n,) for s in a.sums.values()) or any(s.shape != (n,) for s in a.image_scores):
+            raise InvalidInputError(f"{path}: score vectors do not match its filter index of {n} filters")
         return a
 
 

@@ -16,8 +16,8 @@ from faig_fast.errors import InvalidInputError
 
 @dataclass
 class Batch:
-    lq: torch.Tensor  # (B, 3, h, w) float in [0, 1]
-    gt: torch.Tensor  # (B, 3, h*s, w*s)
+    lq: torch.Tensor  # (B, C_in, h, w) float in [0, 1]; any channel count (gray, RGB, RGB + noise map, ...)
+    gt: torch.Tensor  # (B, C_out, h*s, w*s); C_out need not equal C_in
     labels: list[str]
     names: list[str]
 
@@ -34,9 +34,7 @@ def _as_images(t: Any, what: str, where: str) -> torch.Tensor:
         raise InvalidInputError(f"{where}: {what} must be CHW or BCHW, got shape {tuple(t.shape)}")
     if not t.is_floating_point():
         raise InvalidInputError(f"{where}: {what} must be a float tensor in [0, 1], got dtype {t.dtype}")
-    if t.shape[1] != 3:
-        raise InvalidInputError(f"{where}: {what} must have 3 (RGB) channels, got shape {tuple(t.shape)}")
-    if t.shape[-1] == 0 or t.shape[-2] == 0:
+    if t.shape[1] == 0 or t.shape[-1] == 0 or t.shape[-2] == 0:
         raise InvalidInputError(f"{where}: {what} is empty, shape {tuple(t.shape)}")
     if not torch.isfinite(t).all():
         raise InvalidInputError(f"{where}: {what} contains NaN or Inf")
@@ -59,9 +57,10 @@ def _as_labels(label: Any, n: int, where: str) -> list[str]:
     raise InvalidInputError(f"{where}: label must be a string or a sequence of strings, got {type(label).__name__}")
 
 
-def normalize_batch(raw: Any, index: int, scale: int | None, counter: int) -> Batch:
-    """Validate one loader item; ``counter`` numbers images for default names."""
-    where = f"batch {index}"
+def normalize_batch(raw: Any, index: int, scale: int | None, counter: int, where: str | None = None) -> Batch:
+    """Validate one loader item; ``counter`` numbers images for default names, ``where`` (default
+    ``"batch {index}"``) starts every error message."""
+    where = where or f"batch {index}"
     name = None
     if isinstance(raw, dict):
         missing = [k for k in ("lq", "gt", "label") if k not in raw]
@@ -78,6 +77,13 @@ def normalize_batch(raw: Any, index: int, scale: int | None, counter: int) -> Ba
     n = lq.shape[0]
     if gt.shape[0] != n:
         raise InvalidInputError(f"{where}: {n} lq images but {gt.shape[0]} gt images")
+    check_sizes(lq, gt, scale, where)
+    labels = _as_labels(label, n, where)
+    return Batch(lq, gt, labels, _as_names(name, n, counter, where))
+
+
+def check_sizes(lq: torch.Tensor, gt: torch.Tensor, scale: int | None, where: str) -> None:
+    """gt must be lq times ``scale`` on both axes; without a known scale, an integer multiple (equal on both)."""
     h, w = lq.shape[-2:]
     H, W = gt.shape[-2:]
     if scale is not None:
@@ -86,14 +92,17 @@ def normalize_batch(raw: Any, index: int, scale: int | None, counter: int) -> Ba
                 f"{where}: gt size {H}x{W} is not lq size {h}x{w} times the model scale {scale}")
     elif H % h or W % w or H // h != W // w:
         raise InvalidInputError(f"{where}: gt size {H}x{W} is not an integer multiple of lq size {h}x{w}")
-    labels = _as_labels(label, n, where)
+
+
+def _as_names(name: Any, n: int, counter: int, where: str) -> list[str]:
     if name is None:
-        names = [f"image{counter + i}" for i in range(n)]
-    elif isinstance(name, str):
-        names = [name] if n == 1 else [f"{name}[{i}]" for i in range(n)]
-    else:
-        names = [str(x) for x in name]
-    return Batch(lq, gt, labels, names)
+        return [f"image{counter + i}" for i in range(n)]
+    if isinstance(name, str):
+        return [name] if n == 1 else [f"{name}[{i}]" for i in range(n)]
+    if not isinstance(name, Sequence) or len(name) != n:
+        got = f"{len(name)} names" if isinstance(name, Sequence) else f"a name of type {type(name).__name__}"
+        raise InvalidInputError(f"{where}: {got} for {n} images; give one name per sample")
+    return [str(x) for x in name]
 
 
 def iterate_batches(loader: Iterable, scale: int | None) -> Iterator[Batch]:
@@ -110,9 +119,21 @@ def iterate_batches(loader: Iterable, scale: int | None) -> Iterator[Batch]:
 
 
 def model_scale(model: torch.nn.Module) -> int | None:
-    """The model's upscaling factor when it declares one (``upscale`` or ``scale`` attribute)."""
+    """The model's upscaling factor when it declares one (a positive int ``upscale`` or ``scale``
+    attribute); ``None`` otherwise (the API then infers it from one forward pass)."""
     for attr in ("upscale", "scale"):
         s = getattr(model, attr, None)
-        if isinstance(s, int) and not isinstance(s, bool):
+        if isinstance(s, int) and not isinstance(s, bool) and s >= 1:
             return s
     return None
+
+
+def infer_scale(lq_size: tuple[int, int], out_size: tuple[int, int], where: str) -> int:
+    """The integer factor that maps an input of ``lq_size`` onto the model's output ``out_size``."""
+    (h, w), (H, W) = lq_size, out_size
+    if H % h or W % w or H // h != W // w or H < h:
+        raise InvalidInputError(
+            f"{where}: cannot infer the model's scale: an input of {h}x{w} gives an output of {H}x{W}, "
+            "not the same integer multiple on both axes (give the model an integer `upscale` attribute, "
+            "or crop lq/gt so the output matches gt)")
+    return H // h

@@ -15,6 +15,12 @@ FAST_GL_NODES = 8
 
 METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 
+#: Most nodes a rule accepts (each node is one forward+backward per image).  numpy's Gauss–Legendre
+#: solver needs O(n²) memory and O(n³) time (10⁹ nodes would try to allocate exabytes; 1000 nodes
+#: already take seconds); the paper's rule uses 100 Riemann steps and 8 Gauss–Legendre nodes match it.
+MAX_STEPS = {"gausslegendre": 256}
+MAX_RIEMANN_STEPS = 100_000
+
 
 def nodes_and_weights(method: str = "riemann_left", steps: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
     """α nodes and weights (float64) such that ∫₀¹ f(α) dα ≈ Σ_k w_k f(α_k)."""
@@ -23,6 +29,10 @@ def nodes_and_weights(method: str = "riemann_left", steps: int = 100) -> tuple[t
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise InvalidInputError(f"steps must be a positive integer, got {steps!r}")
     n = int(steps)
+    cap = MAX_STEPS.get(method, MAX_RIEMANN_STEPS)
+    if n > cap:
+        raise InvalidInputError(f"steps={n} is too many for {method}: use 1 to {cap} "
+                                f"(the paper uses riemann_left with 100; gausslegendre needs about 8)")
     k = np.arange(n, dtype=np.float64)
     if method == "riemann_left":
         a, w = k / n, np.full(n, 1.0 / n)

@@ -1,7 +1,7 @@
 """(LQ, GT, label) triples: a dataset that applies every degradation of
 ``faig_fast.data.degradations`` to every image, deterministically, and size-grouped batching.
 
-Images are float32 CHW RGB tensors in [0, 1] throughout.
+Images are float32 CHW tensors in [0, 1] throughout: RGB by default, grayscale with ``channels=1``.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from faig_fast.data.degradations import Degradation, make_degradation
-from faig_fast.data.images import PIL_ERRORS, PathLike, list_images, modcrop, read_image
+from faig_fast.data.images import PIL_ERRORS, PathLike, check_channels, list_images, modcrop, read_image, to_channels
 from faig_fast.errors import InvalidInputError
 
 ImageSource = Union[PathLike, Sequence[PathLike], Sequence[tuple[str, Tensor]]]
@@ -46,9 +46,11 @@ def _item_seed(seed: int, image_index: int, degradation_index: int) -> int:
 class DegradedImageDataset(Dataset):
     """Every image × every degradation (image-major order) as ``(lq, gt, label)``.
 
-    ``images`` is a folder, a list of image paths, or a list of ``(name, CHW tensor)`` pairs. The GT is
-    the image modcropped to ``scale`` and, with ``crop``, centre-cropped to ``crop``×``crop`` (rounded
-    down to a multiple of ``scale``; smaller images keep their size). Files are read lazily. The noise
+    ``images`` is a folder, a list of image paths, or a list of ``(name, CHW tensor)`` pairs (1 or 3
+    channels). The GT is the image as ``channels`` channels (3: RGB, 1: grayscale BT.601 luma),
+    modcropped to ``scale`` and, with ``crop``, centre-cropped to ``crop``×``crop`` (rounded down to a
+    multiple of ``scale``; smaller images keep their size). ``scale=1`` keeps the LQ at the GT's size
+    (denoising, deblurring). Files are read lazily. The noise
     of item (image ``j``, degradation ``d``) is seeded from ``(seed, j, d)``, so an item is the same
     whatever the access order or the DataLoader worker.
     """
@@ -64,7 +66,9 @@ class DegradedImageDataset(Dataset):
         noise_sigma: float = 0.1,
         kernel_size: int = 21,
         crop: int | None = None,
+        channels: int = 3,
     ) -> None:
+        self.channels = check_channels(channels)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise InvalidInputError(f"seed must be an int, got {seed!r}")
         if isinstance(degradations, str):
@@ -115,9 +119,10 @@ class DegradedImageDataset(Dataset):
     def _check_pair(name: object, t: Tensor) -> str:
         if not isinstance(name, str):
             raise InvalidInputError(f"image name must be a str, got {name!r}")
-        if t.dim() != 3 or t.shape[0] != 3 or not t.is_floating_point():
+        if t.dim() != 3 or t.shape[0] not in (1, 3) or not t.is_floating_point():
             raise InvalidInputError(
-                f"image {name!r}: expected a float CHW RGB tensor, got shape {tuple(t.shape)} dtype {t.dtype}"
+                f"image {name!r}: expected a float CHW tensor with 1 (gray) or 3 (RGB) channels, got shape "
+                f"{tuple(t.shape)} dtype {t.dtype}"
             )
         if t.numel() and (t.min() < 0 or t.max() > 1):
             raise InvalidInputError(f"image {name!r}: values must be in [0, 1], got [{t.min():.4g}, {t.max():.4g}]")
@@ -167,13 +172,13 @@ class DegradedImageDataset(Dataset):
         return self._crop_box(h, w, self.names[j])[2:]
 
     def gt(self, j: int) -> Tensor:
-        """The GT of image ``j`` (modcropped, centre-cropped), float32 CHW in [0, 1]."""
+        """The GT of image ``j`` (``channels`` channels, modcropped, centre-cropped), float32 CHW in [0, 1]."""
         if self._cache is not None and self._cache[0] == j:
             return self._cache[1]
         if self._tensors is not None:
-            img = self._tensors[j].float()
+            img = to_channels(self._tensors[j].float(), self.channels, f"image {self.names[j]!r}")
         else:
-            img = read_image(self._paths[j])  # type: ignore[index]
+            img = read_image(self._paths[j], self.channels)  # type: ignore[index]
         top, left, h, w = self._crop_box(img.shape[-2], img.shape[-1], self.names[j])
         img = img[:, top : top + h, left : left + w].contiguous()
         self._cache = (j, img)

@@ -14,8 +14,9 @@ The semantics match the authors' OpenCV pipeline so results are comparable with 
 * noise is drawn on the CPU from a ``torch.Generator`` and then moved to the image's device, so a
   seed gives the same result on CPU and GPU.
 
-Images are floating tensors, CHW or BCHW, RGB, in [0, 1]. Every step is differentiable except
-``quantize``.
+Images are floating tensors, CHW or BCHW, in [0, 1], with any number of channels (each is degraded
+on its own: RGB, grayscale, ...). ``scale=1`` skips the downsampling (denoising, deblurring). Every
+step is differentiable except ``quantize``.
 """
 from __future__ import annotations
 
@@ -152,8 +153,9 @@ def quantize(img: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------- composition
 @dataclass(frozen=True)
 class Degradation:
-    """One degradation of Eq. 1: blur (if ``blur_sigma``) → bilinear ↓``scale`` → noise (if
-    ``noise_sigma``) → 8-bit quantisation. Calling it maps a GT image (CHW/BCHW) to its LQ image."""
+    """One degradation of Eq. 1: blur (if ``blur_sigma``) → bilinear ↓``scale`` (none for ``scale=1``)
+    → noise (if ``noise_sigma``) → 8-bit quantisation. Calling it maps a GT image (CHW/BCHW, any
+    channel count) to its LQ image."""
 
     blur_sigma: float | None
     noise_sigma: float | None
@@ -180,7 +182,8 @@ class Degradation:
         x = gt
         if self.blur_sigma is not None:
             x = blur(x, self.blur_sigma, self.kernel_size)
-        x = downsample(x, self.scale)
+        if self.scale > 1:
+            x = downsample(x, self.scale)
         if self.noise_sigma is not None:
             x = add_noise(x, self.noise_sigma, generator)
         return quantize(x)

@@ -1,5 +1,6 @@
 """Reading images: files (any Pillow format, gray/16-bit/alpha handled) and scikit-image's bundled
-photographs, as float32 CHW RGB tensors in [0, 1].  The one place image files are decoded."""
+photographs, as float32 CHW tensors in [0, 1], RGB (3 channels, the default) or grayscale (1
+channel, for denoisers such as DnCNN).  The one place image files are decoded."""
 from __future__ import annotations
 
 import os
@@ -18,12 +19,16 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 
 PathLike = Union[str, "os.PathLike[str]"]
 
+#: Luma weights of ITU-R BT.601 (what Pillow's ``convert("L")`` and OpenCV's ``COLOR_RGB2GRAY`` use),
+#: applied here in float so 16-bit and float images keep their precision.
+LUMA = (0.299, 0.587, 0.114)
+
 # What Pillow raises for missing, unreadable, corrupt or truncated files.
 PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
-def _to_chw(arr: np.ndarray, where: str) -> Tensor:
-    """HW / HWC integer or float array → float32 CHW RGB in [0, 1]."""
+def _to_chw(arr: np.ndarray, where: str, gray: bool = False) -> Tensor:
+    """HW / HWC integer or float array → float32 CHW RGB in [0, 1] (1×H×W with ``gray``, from HW)."""
     if arr.dtype == np.bool_:
         arr = arr.astype(np.float32)
     elif arr.dtype == np.uint8:
@@ -36,7 +41,7 @@ def _to_chw(arr: np.ndarray, where: str) -> Tensor:
     else:
         raise InvalidInputError(f"{where}: unsupported pixel type {arr.dtype}")
     if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
+        arr = arr[:, :, None] if gray else np.repeat(arr[:, :, None], 3, axis=2)
     elif arr.ndim == 3 and arr.shape[2] in (1, 2):  # gray (+ alpha)
         arr = np.repeat(arr[:, :, :1], 3, axis=2)
     elif arr.ndim == 3 and arr.shape[2] >= 3:  # RGB(A): drop alpha
@@ -46,10 +51,35 @@ def _to_chw(arr: np.ndarray, where: str) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
 
 
-def read_image(path: PathLike) -> Tensor:
-    """Read an image file as float32 CHW RGB in [0, 1]. Gray and palette images become RGB, alpha is
-    dropped, 16-bit images are scaled by 65535. Any unreadable file raises ``InvalidInputError``
-    naming the path (the whole file is decoded here, so truncation is caught now, not later)."""
+def check_channels(channels: int) -> int:
+    if isinstance(channels, bool) or channels not in (1, 3):
+        raise InvalidInputError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+    return channels
+
+
+def to_channels(img: Tensor, channels: int, where: str = "image") -> Tensor:
+    """A CHW image with 1 or 3 channels as ``channels`` channels: gray → RGB repeats the channel,
+    RGB → gray takes the BT.601 luma (:data:`LUMA`)."""
+    check_channels(channels)
+    c = img.shape[-3]
+    if c == channels:
+        return img
+    if c == 1:
+        return img.expand(*img.shape[:-3], 3, *img.shape[-2:]).contiguous()
+    if c == 3:
+        w = torch.tensor(LUMA, dtype=img.dtype, device=img.device).view(3, 1, 1)
+        return (img * w).sum(-3, keepdim=True).clamp_(0, 1)
+    raise InvalidInputError(f"{where}: cannot make {channels} channel(s) out of {c}; give 1 (gray) or 3 (RGB)")
+
+
+def read_image(path: PathLike, channels: int = 3) -> Tensor:
+    """Read an image file as float32 CHW in [0, 1] with ``channels`` channels (3: RGB, 1: gray).
+
+    Gray and palette images become RGB (``channels=3``), colour images become their BT.601 luma
+    (``channels=1``); alpha is dropped, 16-bit images are scaled by 65535. Any unreadable file raises
+    ``InvalidInputError`` naming the path (the whole file is decoded here, so truncation is caught
+    now, not later)."""
+    check_channels(channels)
     path = Path(path)
     try:
         with Image.open(path) as img:
@@ -65,7 +95,10 @@ def read_image(path: PathLike) -> Tensor:
         raise InvalidInputError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
     if arr.size == 0:
         raise InvalidInputError(f"image {path} is empty ({arr.shape})")
-    return _to_chw(arr, str(path))
+    if channels == 1 and (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 2))):
+        arr = arr if arr.ndim == 2 else arr[:, :, 0]  # already gray: no round trip through RGB
+        return _to_chw(arr, str(path), gray=True)
+    return to_channels(_to_chw(arr, str(path)), channels, str(path))
 
 
 def modcrop(img: Tensor, scale: int) -> Tensor:

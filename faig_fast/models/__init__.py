@@ -4,6 +4,7 @@ from faig_fast.models.msrresnet import MSRResNet
 from faig_fast.models.srcnn_style import SRCNNStyle
 from faig_fast.models.checkpoint import (
     infer_msrresnet_args,
+    import_model_class,
     infer_srcnn_style_args,
     load_model,
     load_state_dict_file,
@@ -14,6 +15,6 @@ from faig_fast.models.checkpoint import (
 __all__ = [
     "MSRResNet", "SRCNNStyle",
     "create_model", "list_models", "list_presets", "register_model",
-    "load_model", "save_model", "load_state_dict_file", "read_metadata",
+    "load_model", "import_model_class", "save_model", "load_state_dict_file", "read_metadata",
     "infer_msrresnet_args", "infer_srcnn_style_args",
 ]

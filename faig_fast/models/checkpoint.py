@@ -5,23 +5,25 @@ disk is always complete and rebuilds its model alone; `load_model` validates key
 finiteness and turns every failure into a CheckpointError that names the file and key."""
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Callable, Mapping, Union
 
 import safetensors
 import safetensors.torch
 import torch
 from torch import nn
 
+from faig_fast.utils.tensors import first_nonfinite
 from faig_fast.utils.io import atomic_save_safetensors
 from faig_fast.errors import CheckpointError, FAIGError, InvalidInputError
 from faig_fast.models.registry import VALID_SCALES, create_model, list_models
 
-__all__ = ["load_state_dict_file", "save_model", "read_metadata", "load_model",
+__all__ = ["load_state_dict_file", "save_model", "read_metadata", "load_model", "import_model_class",
            "infer_msrresnet_args", "infer_srcnn_style_args", "METADATA_KEY"]
 
 METADATA_KEY = "faig_fast"
@@ -233,11 +235,9 @@ _INFERERS = {"msrresnet": infer_msrresnet_args, "srcnn_style": infer_srcnn_style
 
 
 def _check_finite(state: Mapping[str, torch.Tensor], path: Path) -> None:
-    for key, value in state.items():
-        if (value.is_floating_point() or value.is_complex()) and not bool(
-                torch.isfinite(value).all()):
-            raise CheckpointError(
-                f"checkpoint {str(path)!r}: parameter {key!r} contains NaN or Inf values")
+    key = first_nonfinite(state.items())
+    if key is not None:
+        raise CheckpointError(f"checkpoint {str(path)!r}: parameter {key!r} contains NaN or Inf values")
 
 
 def _check_keys(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
@@ -260,48 +260,147 @@ def _check_keys(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path)
             + "; ".join(problems))
 
 
-def load_model(path: PathLike, arch: str | None = None, **kwargs: Any) -> nn.Module:
-    """Rebuild a model from `path`: from its safetensors metadata when present, else from `arch`
-    + kwargs (for msrresnet/srcnn_style the args are inferred from key shapes when not given).
-    Loads strictly; returns the model in eval mode on CPU."""
-    path = Path(path)
-    meta = read_metadata(path)
-    state = load_state_dict_file(path)
-    _check_finite(state, path)
+def import_model_class(spec: str | Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """The class (or factory) named by ``"package.module:Class"`` (``Outer.Inner`` after the colon
+    works too); a class or callable passes through. The module must be importable (on ``sys.path``)."""
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+        raise InvalidInputError(f"model class must be given as 'package.module:Class', got {spec!r}")
+    module_name, attr = spec.split(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise InvalidInputError(f"cannot import module {module_name!r} of model class {spec!r} "
+                                f"({type(e).__name__}: {e}); is it on sys.path / PYTHONPATH?") from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise InvalidInputError(f"module {module_name!r} has no attribute {attr!r} (model class {spec!r})")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise InvalidInputError(f"model class {spec!r} is a {type(obj).__name__}, not a class or factory")
+    return obj
 
-    if meta.get("arch") is not None:
-        meta_arch = meta["arch"]
-        if arch is not None and arch != meta_arch:
-            raise CheckpointError(
-                f"checkpoint {str(path)!r} holds a {meta_arch!r} model but arch={arch!r} was "
-                "requested")
-        args = dict(meta.get("args") or {})
-        args.update(kwargs)
+
+def _build_custom(model_class: str | Callable[..., nn.Module], args: dict[str, Any], path: Path) -> nn.Module:
+    cls = import_model_class(model_class)
+    name = getattr(cls, "__qualname__", repr(cls))
+    try:
+        model = cls(**args)
+    except (TypeError, ValueError) as e:
+        raise InvalidInputError(f"cannot build {name}(**{args}) for checkpoint {str(path)!r}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(f"{name}(**{args}) returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _auto_registered(state: Mapping[str, torch.Tensor]) -> nn.Module | None:
+    """A registered architecture whose inferred arguments fit every key and shape of ``state``."""
+    for arch, infer in _INFERERS.items():
         try:
-            model = create_model(meta_arch, **args)
-        except FAIGError as e:
-            raise CheckpointError(
-                f"checkpoint {str(path)!r}: cannot rebuild {meta_arch!r} from its metadata "
-                f"args {args}: {e}") from e
-    else:
-        if arch is None:
-            raise CheckpointError(
-                f"checkpoint {str(path)!r} carries no architecture metadata (e.g. a BasicSR "
-                f"'.pth'); pass arch=<one of {list_models()}> (plus constructor kwargs if they "
-                "cannot be inferred from the key shapes)")
-        args = {}
-        if arch in _INFERERS and "preset" not in kwargs:
-            try:
-                args = _INFERERS[arch](state)
-            except CheckpointError as e:
-                raise CheckpointError(
-                    f"checkpoint {str(path)!r}: cannot infer {arch!r} arguments: {e}") from e
-        args.update(kwargs)
-        model = create_model(arch, **args)
+            model = create_model(arch, **infer(state))
+        except FAIGError:
+            continue
+        expected = model.state_dict()
+        if expected.keys() == state.keys() and all(expected[k].shape == state[k].shape for k in state):
+            return model
+    return None
 
+
+def _auto_spandrel(state: dict[str, torch.Tensor], path: Path) -> nn.Module:
+    """Detect the architecture with the optional ``spandrel`` package (weights loaded by spandrel)."""
+    try:
+        import spandrel
+    except ImportError as e:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not a {' / '.join(list_models())} checkpoint and arch='auto' needs "
+            "the optional package 'spandrel' to detect other architectures (pip install spandrel); or "
+            "give the architecture: model_class='package.module:Class' (CLI: --model-class) plus "
+            "model_kwargs") from e
+    try:
+        desc = spandrel.ModelLoader().load_from_state_dict(state)
+    except Exception as e:  # spandrel's UnsupportedModelError, or a key/shape error while loading
+        raise CheckpointError(
+            f"spandrel cannot detect the architecture of checkpoint {str(path)!r} "
+            f"({type(e).__name__}: {e}); give it with model_class='package.module:Class' "
+            "(CLI: --model-class) plus model_kwargs") from e
+    model = desc.model
+    if getattr(model, "upscale", None) is None and isinstance(getattr(desc, "scale", None), int):
+        model.upscale = int(desc.scale)  # the scale spandrel read from the weights
+    return model
+
+
+def _load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> nn.Module:
     _check_keys(model, state, path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:  # e.g. an un-castable dtype
         raise CheckpointError(f"checkpoint {str(path)!r} failed to load: {e}") from e
     return model.to("cpu").eval()
+
+
+def _from_metadata(meta: dict, arch: str | None, args: dict[str, Any], path: Path) -> nn.Module:
+    meta_arch = meta["arch"]
+    if arch not in (None, "auto") and arch != meta_arch:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds a {meta_arch!r} model but arch={arch!r} was requested")
+    full = {**dict(meta.get("args") or {}), **args}
+    try:
+        return create_model(meta_arch, **full)
+    except FAIGError as e:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: cannot rebuild {meta_arch!r} from its metadata args {full}: {e}") from e
+
+
+def _from_arch(arch: str | None, state: dict[str, torch.Tensor], args: dict[str, Any], path: Path) -> nn.Module:
+    if arch is None:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} carries no architecture metadata (e.g. a BasicSR '.pth'); pass "
+            f"arch=<one of {list_models()}> (plus constructor kwargs if they cannot be inferred from the key "
+            "shapes), arch='auto' to detect it, or model_class='package.module:Class' for your own model")
+    inferred: dict[str, Any] = {}
+    if arch in _INFERERS and "preset" not in args:
+        try:
+            inferred = _INFERERS[arch](state)
+        except CheckpointError as e:
+            raise CheckpointError(f"checkpoint {str(path)!r}: cannot infer {arch!r} arguments: {e}") from e
+    return create_model(arch, **{**inferred, **args})
+
+
+def load_model(path: PathLike, arch: str | None = None, *,
+               model_class: str | Callable[..., nn.Module] | None = None,
+               model_kwargs: Mapping[str, Any] | None = None, **kwargs: Any) -> nn.Module:
+    """Rebuild a model from the checkpoint ``path`` (safetensors, or a torch ``.pth`` with or without
+    BasicSR's ``params`` / ``params_ema``) and load its weights strictly; eval mode, on CPU.
+
+    The architecture comes from, in order: ``model_class`` (any ``nn.Module`` class or factory, or its
+    ``"package.module:Class"`` name, called with ``model_kwargs`` and ``kwargs``); the file's own
+    metadata (files written by :func:`save_model`); ``arch`` (a registered name, whose arguments are
+    inferred from the key shapes for msrresnet / srcnn_style); ``arch="auto"``: a registered
+    architecture that fits every key, else detection by the optional ``spandrel`` package.
+    Building the model draws its (then overwritten) initial weights from a forked RNG: the caller's
+    global RNG state is the same after the call as before it.
+    """
+    path = Path(path)
+    if model_class is not None and arch not in (None, "auto"):
+        raise InvalidInputError(f"give either arch ({arch!r}) or model_class ({model_class!r}), not both")
+    args = {**dict(model_kwargs or {}), **kwargs}
+    with torch.random.fork_rng(devices=[]):
+        return _load(path, arch, model_class, args)
+
+
+def _load(path: Path, arch: str | None, model_class: str | Callable[..., nn.Module] | None,
+          args: dict[str, Any]) -> nn.Module:
+    meta = read_metadata(path)
+    state = load_state_dict_file(path)
+    _check_finite(state, path)
+    if model_class is not None:
+        return _load_weights(_build_custom(model_class, args, path), state, path)
+    if meta.get("arch") is not None:
+        return _load_weights(_from_metadata(meta, arch, args, path), state, path)
+    if arch == "auto":
+        model = _auto_registered(state) if not args else None
+        if model is None:
+            return _auto_spandrel(state, path).to("cpu").eval()
+        return _load_weights(model, state, path)
+    return _load_weights(_from_arch(arch, state, args, path), state, path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, TypeVar
 
+import torch
 from torch import nn
 
 from faig_fast.errors import InvalidInputError
@@ -64,8 +65,21 @@ def _lookup(name: str) -> type[nn.Module]:
     return _MODELS[name]
 
 
-def create_model(name: str, preset: str | None = None, **kwargs: Any) -> nn.Module:
-    """Build a registered model; `preset` supplies base kwargs that explicit `kwargs` override."""
+def create_model(name: str, preset: str | None = None, *, seed: int | None = None, **kwargs: Any) -> nn.Module:
+    """Build a registered model; `preset` supplies base kwargs that explicit `kwargs` override.
+
+    With `seed`, the weights are initialised as after `torch.manual_seed(seed)` (same values), from a
+    forked CPU RNG: the caller's global RNG state is the same after the call as before it."""
+    if seed is None:
+        return _build(name, preset, kwargs)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InvalidInputError(f"seed must be None or an int, got {seed!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        return _build(name, preset, kwargs)
+
+
+def _build(name: str, preset: str | None, kwargs: dict[str, Any]) -> nn.Module:
     cls = _lookup(name)
     args: dict[str, Any] = {}
     if preset is not None:

@@ -1,13 +1,18 @@
-"""Lazy build and load of the optional C++/CUDA extension ``faig_fast_ext``.
+"""Build and load of the optional C++/CUDA extension ``faig_fast_ext``.
 
-The sources in ``csrc/`` are compiled on first use with ``torch.utils.cpp_extension.load`` (ninja)
-into a per-torch-version cache folder, never at install time.  Any failure (no compiler, no ninja,
-a broken toolkit) is recorded, reported once as a warning, and the caller falls back to PyTorch.
-Set ``FAIG_FAST_NO_EXT=1`` to skip the extension, ``FAIG_FAST_EXT_DIR`` to move the build cache.
+The sources in ``csrc/`` are compiled with ``torch.utils.cpp_extension.load`` (ninja) into a
+per-torch-version cache folder, never at install time and never on the hot path: backend ``auto``
+only *loads* an extension that is already built (:func:`load_extension` with ``build=False``), so a
+fresh install's first ``attribute()`` does not wait ~30 s for a compiler.  ``faig info --build`` (or
+``make ext``, or asking for ``backend="cpp"``/``"cuda"`` explicitly) builds it.  Any build failure
+(no compiler, no ninja, a broken toolkit) is recorded, reported once as a warning, and the caller
+falls back to PyTorch.  Set ``FAIG_FAST_NO_EXT=1`` to skip the extension, ``FAIG_FAST_EXT_DIR`` to
+move the build cache.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -83,6 +88,31 @@ def build_directory(with_cuda: bool) -> Path:
     return base / f"ext-{tag}-{'cuda' if with_cuda else 'cpu'}-{h.hexdigest()[:12]}"
 
 
+def built_module_path() -> Optional[Path]:
+    """The compiled module of these sources and this torch, if a previous build left one (CUDA build first)."""
+    suffix = ".pyd" if os.name == "nt" else ".so"  # what torch.utils.cpp_extension.load writes
+    kinds = [True, False] if _cuda_toolkit()[0] else [False]
+    for with_cuda in kinds:
+        try:
+            path = build_directory(with_cuda) / f"{_NAME}{suffix}"
+        except OSError:  # sources missing
+            return None
+        if path.is_file():
+            return path
+    return None
+
+
+def _import_built(path: Path) -> ModuleType:
+    """Import an already compiled module file (no ninja, no compiler)."""
+    spec = importlib.util.spec_from_file_location(_NAME, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sys.modules.setdefault(_NAME, mod)
+    return mod
+
+
 def _compile(with_cuda: bool) -> ModuleType:
     from torch.utils.cpp_extension import load
 
@@ -132,14 +162,38 @@ def _warn_once(reason: str) -> None:
                       ExtensionUnavailableWarning, stacklevel=4)
 
 
-def load_extension(warn: bool = True) -> Optional[ModuleType]:
-    """The compiled module, building it on first call; ``None`` (with one warning) if unavailable."""
+def _load_prebuilt() -> None:
+    """Load a module a previous build left on disk, if any; never compiles."""
+    global _module, _tried, _build_dir, _build_seconds
+    path = built_module_path()
+    if path is None:
+        return
+    t0 = time.perf_counter()
+    try:
+        _module = _import_built(path)
+    except Exception as exc:  # noqa: BLE001 - a stale or broken file: leave it to an explicit build
+        _LOG.warning("could not load the built %s (%s); run `faig info --build`", path, _short(exc))
+        return
+    _tried, _build_dir, _build_seconds = True, path.parent, time.perf_counter() - t0
+
+
+def load_extension(warn: bool = True, build: bool = True) -> Optional[ModuleType]:
+    """The compiled module; ``None`` (with one warning) if unavailable.
+
+    ``build=True`` compiles it on first call when no build is on disk (tens of seconds);
+    ``build=False`` only loads a build that already exists and returns ``None`` otherwise, silently
+    (what backend ``auto`` does, so that no call ever waits for a compiler).
+    """
     global _module, _reason, _tried, _build_seconds
     if disabled():
         if warn:
             _warn_once("disabled by FAIG_FAST_NO_EXT=1")
         return None
     with _lock:
+        if not _tried:
+            _load_prebuilt()
+        if not _tried and not build:
+            return None
         if not _tried:
             _tried = True
             _reason = _precheck()
@@ -166,6 +220,11 @@ def load_extension(warn: bool = True) -> Optional[ModuleType]:
         return _module
 
 
+def build_extension() -> Optional[ModuleType]:
+    """Build (or load) the extension now, e.g. from ``faig info --build``; ``None`` if it cannot be built."""
+    return load_extension(warn=False, build=True)
+
+
 def has_cuda_kernels() -> bool:
     """Whether the loaded extension includes the CUDA kernels (does not trigger a build)."""
     return _module is not None and bool(_module.has_cuda())
@@ -176,7 +235,9 @@ def extension_status() -> str:
     if disabled():
         return "disabled (FAIG_FAST_NO_EXT=1)"
     if not _tried:
-        return "not built yet (compiled on first use)"
+        if built_module_path() is not None:
+            return "built, not loaded yet (loaded on first use)"
+        return "not built (PyTorch is used; build it with `faig info --build`)"
     if _module is None:
         return f"unavailable: {_reason}"
     kinds = "cpu+cuda" if _module.has_cuda() else "cpu"

@@ -6,13 +6,13 @@ autograd needs to see the graph.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from faig_fast.errors import FAIGError, InvalidInputError
+from faig_fast.kernels._interpret import interpret_enabled
 
 __all__ = ["linear_path_combine", "linear_path_combine_torch"]
 
@@ -73,7 +73,7 @@ def linear_path_combine(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor, b
     if backend == "triton":
         if needs_grad:
             raise FAIGError("backend 'triton' is forward-only; inputs require grad (use torch.no_grad())")
-        if a.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        if a.device.type == "cpu" and not interpret_enabled():
             raise FAIGError("backend 'triton' runs on CPU tensors only with TRITON_INTERPRET=1")
         if a.device.type not in ("cpu", "cuda"):
             raise FAIGError(f"backend 'triton' does not support {a.device.type} tensors")

@@ -7,17 +7,18 @@ weighted path gradients ``grads`` (B, P) of B images, the FAIG score of filter f
 
 Backends: ``torch`` (reference, always there), ``cpp`` (OpenMP extension, CPU tensors), ``cuda``
 (the extension's CUDA kernels), ``triton`` (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
-``auto`` picks triton > cuda > torch on GPU and cpp > torch on CPU.
+``auto`` picks triton > cuda > torch on GPU and cpp > torch on CPU, using the extension only when it
+is already built (``faig info --build``): ``auto`` never waits for a compiler.
 """
 from __future__ import annotations
 
 import operator
-import os
 import warnings
 from typing import Optional, Union
 
 import torch
 
+from faig_fast.kernels._interpret import interpret_enabled
 from faig_fast.ops import extension as _ext
 from faig_fast.errors import FAIGError, InvalidInputError
 
@@ -77,7 +78,7 @@ def _triton_usable(device: torch.device) -> tuple[bool, str]:
     if device.type == "cuda":
         return True, ""
     if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") == "1":
+        if interpret_enabled():
             return True, ""
         return False, "triton runs on CPU tensors only under the interpreter (set TRITON_INTERPRET=1)"
     return False, f"triton does not support {device.type} tensors here"
@@ -95,9 +96,10 @@ def _as_device(device: Union[torch.device, str, torch.Tensor]) -> torch.device:
 def resolve_backend(device: Union[torch.device, str, torch.Tensor], requested: str = "auto") -> str:
     """The backend that will run on tensors of ``device``.
 
-    ``auto`` never fails: triton, then the CUDA extension, then torch on GPU; the C++ extension, then torch
-    on CPU (building the extension on first use and warning once if it cannot).  An explicit backend that
-    cannot run here raises :class:`FAIGError` saying why.
+    ``auto`` never fails and never compiles: triton, then the CUDA extension, then torch on GPU; the C++
+    extension, then torch on CPU, where the extension counts only if a build is already on disk.  An
+    explicit ``cpp``/``cuda`` builds the extension on first use; one that cannot run here raises
+    :class:`FAIGError` saying why.
     """
     dev = _as_device(device)
     if not isinstance(requested, str) or requested not in ("auto",) + BACKENDS:
@@ -106,10 +108,10 @@ def resolve_backend(device: Union[torch.device, str, torch.Tensor], requested: s
         if dev.type == "cuda":
             if "triton" not in _broken and _triton_usable(dev)[0]:
                 return "triton"
-            if "cuda" not in _broken and _ext.load_extension() is not None and _ext.has_cuda_kernels():
+            if "cuda" not in _broken and _ext.load_extension(build=False) is not None and _ext.has_cuda_kernels():
                 return "cuda"
             return "torch"
-        if dev.type == "cpu" and "cpp" not in _broken and _ext.load_extension() is not None:
+        if dev.type == "cpu" and "cpp" not in _broken and _ext.load_extension(build=False) is not None:
             return "cpp"
         return "torch"
     if requested == "torch":
@@ -133,15 +135,15 @@ def resolve_backend(device: Union[torch.device, str, torch.Tensor], requested: s
     return requested
 
 
-def available_backends() -> list[str]:
-    """Backends usable in this process (builds the C++ extension on first call)."""
+def available_backends(build: bool = False) -> list[str]:
+    """Backends usable in this process; ``build=True`` first builds the C++ extension if it is not built."""
     out = ["torch"]
-    mod = _ext.load_extension(warn=False)
+    mod = _ext.load_extension(warn=False, build=build)
     if mod is not None:
         out.append("cpp")
         if mod.has_cuda() and torch.cuda.is_available():
             out.append("cuda")
-    if _triton_import()[0] and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+    if _triton_import()[0] and (torch.cuda.is_available() or interpret_enabled()):
         out.append("triton")
     return out
 

@@ -1,0 +1,122 @@
+"""Render the README's result tables from the committed result files, or check that they match.
+
+Every figure table in README.md sits between two markers that name its source::
+
+    <!-- figures: bench benchmarks/results/cpu-....json -->
+    | ... generated table ... |
+    <!-- /figures -->
+
+``python benchmarks/readme_figures.py --write`` regenerates every block from its file;
+``--check`` (run by the test suite) fails when a block differs from what its file gives, so no
+README figure can drift from the measurement it quotes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK = re.compile(r"(<!-- figures: (\w+) (\S+) -->\n)(.*?)(<!-- /figures -->)", re.S)
+
+
+def _fmt_jaccard(j: dict | None) -> str:
+    if not j:
+        return "–"
+    return " / ".join(f"{j[k]:.3f}".rstrip("0").rstrip(".") if j[k] != 1 else "1" for k in sorted(j))
+
+
+def _bench(doc: dict) -> str:
+    """Engine vs naive loop: one row per timed case."""
+    rows = ["| case | rule | seconds | speed-up | top-1% Jaccard vs naive (blur / noise) | peak memory | "
+            "achieved GFLOP/s | of peak |",
+            "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+    for r in doc["results"]:
+        if "speedup_vs_naive" not in r:
+            continue
+        gflops = r.get("achieved_tflop_s")
+        frac = r.get("fraction_of_peak")
+        rows.append(
+            f"| `{r['case']}` | {r['method']} {r['steps']} | {r['seconds']:.2f} | {r['speedup_vs_naive']:.2f}× | "
+            f"{_fmt_jaccard(r.get('jaccard_top1_vs_naive'))} | {r['peak_memory_mb']:.0f} MB | "
+            f"{'–' if gflops is None else f'{gflops * 1000:.0f}'} | {'–' if frac is None else f'{frac:.0%}'} |")
+    red = [r for r in doc["results"] if r["case"].startswith("reduce-")]
+    if red:
+        rows.append("")
+        rows.append("| per-filter reduction | ms per call |")
+        rows.append("| --- | ---: |")
+        rows += [f"| `{r['case']}` | {r['seconds'] * 1000:.2f} |" for r in red]
+    return "\n".join(rows)
+
+
+def _quadrature(doc: dict) -> str:
+    rows = ["| rule | nodes | Jaccard (blur) | Jaccard (noise) | mean conv. delta | seconds |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in doc["rows"]:
+        j = r["jaccard"]
+        rows.append(f"| {r['method']} | {r['steps']} | {j['blur']:.3f} | {j['noise']:.3f} | "
+                    f"{r['mean_convergence_delta']:.1e} | {r['seconds']:.1f} |")
+    rows.append("")
+    rows.append(f"Fewest Gauss–Legendre nodes that agree with the converged integral at least as well as the "
+                f"paper's rule: **{doc['fewest_gl_nodes']}**.")
+    return "\n".join(rows)
+
+
+def _precision(doc: dict) -> str:
+    rows = ["| rule | precision | seconds | speed-up vs fp32 | top-1% Jaccard vs converged fp32 (blur / noise) |",
+            "| --- | --- | ---: | ---: | --- |"]
+    for r in doc["rows"]:
+        rows.append(f"| {r['method']} {r['steps']} | {r['precision']} | {r['seconds']:.2f} | "
+                    f"{r.get('speedup_vs_fp32', 1.0):.2f}× | {_fmt_jaccard(r['jaccard'])} |")
+    return "\n".join(rows)
+
+
+def _json_block(doc: dict) -> str:
+    return "```json\n" + json.dumps(doc, indent=1, sort_keys=True) + "\n```"
+
+
+RENDERERS: dict[str, Callable[[dict], str]] = {
+    "bench": _bench, "quadrature": _quadrature, "precision": _precision, "json": _json_block,
+}
+
+
+def render(readme: str, root: Path = ROOT) -> str:
+    """README text with every figures block regenerated from its source file."""
+    def one(m: re.Match) -> str:
+        kind, src = m.group(2), m.group(3)
+        if kind not in RENDERERS:
+            raise SystemExit(f"README: unknown figures kind {kind!r} (known: {sorted(RENDERERS)})")
+        path = root / src
+        if not path.is_file():
+            raise SystemExit(f"README: figures source {src} does not exist")
+        return m.group(1) + RENDERERS[kind](json.loads(path.read_text())) + "\n" + m.group(5)
+    return BLOCK.sub(one, readme)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--check", action="store_true", help="exit 1 when a block differs from its file")
+    mode.add_argument("--write", action="store_true", help="regenerate every block in place")
+    ap.add_argument("--readme", default=str(ROOT / "README.md"))
+    args = ap.parse_args(argv)
+    path = Path(args.readme)
+    old = path.read_text()
+    new = render(old, path.parent)
+    if args.write:
+        path.write_text(new)
+        print(f"{path}: {len(BLOCK.findall(new))} figure blocks written")
+        return 0
+    if new != old:
+        print(f"{path}: figure blocks differ from their result files; run "
+              "`python benchmarks/readme_figures.py --write`", file=sys.stderr)
+        return 1
+    print(f"{path}: {len(BLOCK.findall(new))} figure blocks match their result files")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
