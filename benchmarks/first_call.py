@@ -42,6 +42,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--keep-cache", action="store_true", help="use the real extension cache, not an empty one")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help="also write the JSON here (atomically)")
     args = p.parse_args()
     if args.child:
         print(json.dumps(_child()))
@@ -56,6 +57,10 @@ def main() -> None:
     doc = json.loads(out)
     doc["process_s"] = time.perf_counter() - t0
     doc["fresh_extension_cache"] = not args.keep_cache
+    if args.out:
+        from faig_fast.utils.io import atomic_write_json
+
+        atomic_write_json(args.out, doc)
     print(json.dumps(doc))
 
 

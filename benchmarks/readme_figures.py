@@ -30,48 +30,46 @@ def _fmt_jaccard(j: dict | None) -> str:
 
 
 def _bench(doc: dict) -> str:
-    """Engine vs naive loop: one row per timed case."""
-    rows = ["| case | rule | seconds | speed-up | top-1% Jaccard vs naive (blur / noise) | peak memory | "
-            "achieved GFLOP/s | of peak |",
+    """Engine vs naive loop: one row per timed case, then the per-filter reductions."""
+    rows = [f"{doc['device']}, torch {doc['torch']}; {doc['arch']} `{doc['preset']}`, {doc['images']} images "
+            f"(LQ crop {doc['lq_crop']}), engine precision {doc.get('precision', 'fp32')}.", "",
+            "| case | rule | seconds | speed-up vs naive | top-1% Jaccard vs naive (blur / noise) | "
+            "GFLOP/s | % of peak FLOP/s | peak memory |",
             "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |"]
     for r in doc["results"]:
-        if "speedup_vs_naive" not in r:
+        if r["case"].startswith("reduce-") or "speedup_vs_naive" not in r:
             continue
-        gflops = r.get("achieved_tflop_s")
-        frac = r.get("fraction_of_peak")
+        rl = r.get("roofline", {})
+        flops = rl.get("achieved_tflop_s", r.get("achieved_tflop_s"))
+        frac = rl.get("fraction_of_peak_flops")
         rows.append(
             f"| `{r['case']}` | {r['method']} {r['steps']} | {r['seconds']:.2f} | {r['speedup_vs_naive']:.2f}× | "
-            f"{_fmt_jaccard(r.get('jaccard_top1_vs_naive'))} | {r['peak_memory_mb']:.0f} MB | "
-            f"{'–' if gflops is None else f'{gflops * 1000:.0f}'} | {'–' if frac is None else f'{frac:.0%}'} |")
-    red = [r for r in doc["results"] if r["case"].startswith("reduce-")]
+            f"{_fmt_jaccard(r.get('jaccard_top1_vs_naive'))} | {'–' if flops is None else f'{flops * 1000:.0f}'} | "
+            f"{'–' if frac is None else f'{frac:.0%}'} | {r['peak_memory_mb']:.0f} MiB |")
+    red = [r for r in doc["results"] if r["case"].startswith("reduce-") and "seconds" in r]
     if red:
-        rows.append("")
-        rows.append("| per-filter reduction | ms per call |")
-        rows.append("| --- | ---: |")
+        rows += ["", "| per-filter reduction (4 images × all filters) | ms per call |", "| --- | ---: |"]
         rows += [f"| `{r['case']}` | {r['seconds'] * 1000:.2f} |" for r in red]
     return "\n".join(rows)
 
 
+def _first_call(doc: dict) -> str:
+    return ("| import | first `attribute()` | second `attribute()` | C++ extension |\n| ---: | ---: | ---: | --- |\n"
+            f"| {doc['import_s']:.2f} s | {doc['first_call_s']:.2f} s | {doc['second_call_s']:.2f} s | "
+            f"{doc['extension']} |")
+
+
 def _quadrature(doc: dict) -> str:
-    rows = ["| rule | nodes | Jaccard (blur) | Jaccard (noise) | mean conv. delta | seconds |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for r in doc["rows"]:
-        j = r["jaccard"]
-        rows.append(f"| {r['method']} | {r['steps']} | {j['blur']:.3f} | {j['noise']:.3f} | "
-                    f"{r['mean_convergence_delta']:.1e} | {r['seconds']:.1f} |")
-    rows.append("")
-    rows.append(f"Fewest Gauss–Legendre nodes that agree with the converged integral at least as well as the "
-                f"paper's rule: **{doc['fewest_gl_nodes']}**.")
-    return "\n".join(rows)
+    from faig_fast.apps.studies import quadrature_markdown
+
+    return (quadrature_markdown(doc) + "\n\nFewest Gauss–Legendre nodes from which on every node count agrees with "
+            f"the converged integral at least as well as the paper's rule: **{doc['fewest_gl_nodes']}**.")
 
 
 def _precision(doc: dict) -> str:
-    rows = ["| rule | precision | seconds | speed-up vs fp32 | top-1% Jaccard vs converged fp32 (blur / noise) |",
-            "| --- | --- | ---: | ---: | --- |"]
-    for r in doc["rows"]:
-        rows.append(f"| {r['method']} {r['steps']} | {r['precision']} | {r['seconds']:.2f} | "
-                    f"{r.get('speedup_vs_fp32', 1.0):.2f}× | {_fmt_jaccard(r['jaccard'])} |")
-    return "\n".join(rows)
+    from faig_fast.apps.studies import precision_markdown
+
+    return f"Reference: {doc['reference']}, {doc['images']} images.\n\n" + precision_markdown(doc)
 
 
 def _json_block(doc: dict) -> str:
@@ -79,7 +77,8 @@ def _json_block(doc: dict) -> str:
 
 
 RENDERERS: dict[str, Callable[[dict], str]] = {
-    "bench": _bench, "quadrature": _quadrature, "precision": _precision, "json": _json_block,
+    "bench": _bench, "quadrature": _quadrature, "precision": _precision, "first_call": _first_call,
+    "json": _json_block,
 }
 
 

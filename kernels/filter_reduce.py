@@ -66,8 +66,14 @@ def _filter_abs_sum_kernel(delta_ptr, grads_ptr, out_ptr, labels_ptr, sums_ptr,
         out_ptrs += F
 
 
+# maxnreg=255 (the hardware limit, so no real cap) emits ``.maxnreg 255``: without it ptxas aims for an
+# occupancy step and spilled a predicate register (8 bytes of local memory) on sm_80 at kk = 25, fp32
+# BLOCK_F = 32/2 warps and 64/4 warps (96 registers), fp64 accumulate 128/8 warps (128 registers); with
+# it they take 113 and 168 registers and spill nothing.  The autotuner launches these same Configs
+# and faig_fast.ops.aot compiles them with their maxnreg, so what is checked ahead of time is what runs.
+_MAXNREG = 255
 _GPU_CONFIGS = [
-    triton.Config({"BLOCK_F": bf}, num_warps=nw)
+    triton.Config({"BLOCK_F": bf}, num_warps=nw, maxnreg=_MAXNREG)
     for bf, nw in ((16, 4), (32, 2), (64, 4), (128, 8), (256, 8))
 ]
 # Each thread holds BLOCK_F * KK_PAD / (32 * num_warps) elements of delta and of grads: above 32 the

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
+import os
+import subprocess
 import sys
 import textwrap
 
@@ -47,6 +50,38 @@ def test_filter_reduce_prunes_configs_that_would_spill():
     big = fr.configs_for(64)  # 7x7 filters: BLOCK_F=256 would hold 64 elements per thread and spill
     assert all(c.kwargs["BLOCK_F"] * 64 <= 32 * 32 * c.num_warps for c in big) and len(big) == 4
     assert fr.configs_for(1024)  # never empty
+
+
+def test_filter_reduce_kk25_configs_that_spilled_on_sm80_do_not():
+    """ptxas spilled one predicate register (8 bytes) on sm_80 at kk=25 for these three without ``.maxnreg``
+    (``faig info --kernels sm_80 --full``); every filter_reduce Config now carries maxnreg=255, which the
+    autotuner launches with and the AOT compile passes on."""
+    from faig_fast.kernels import filter_reduce as fr
+
+    assert all(c.maxnreg == 255 for c in fr.AUTOTUNE_CONFIGS)
+    # a child without TRITON_INTERPRET, as aot.compile_report does: interpreted tl functions cannot compile
+    script = textwrap.dedent('''
+        import json
+        from faig_fast.kernels import filter_reduce as fr
+        from faig_fast.ops import aot
+        fn = aot._jit_function(fr.AOT_KERNEL)
+        variants = {v[0]: v for v in fr.aot_variants(full=True)}
+        rows = []
+        for label, bf, nw in (("fp32 kk=25", 32, 2), ("fp32 kk=25", 64, 4), ("fp64 kk=25 acc", 128, 8)):
+            config = next(c for c in fr.aot_configs(variants[label][2])
+                          if c.kwargs["BLOCK_F"] == bf and c.num_warps == nw)
+            r = aot._compile_one(fn, "faig_fast.kernels.filter_reduce", variants[label], config, 80)
+            rows.append([r.ok, r.local_bytes, r.registers, r.config, r.error])
+        print(json.dumps(rows))
+    ''')
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-800:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(rows) == 3
+    for ok, local, regs, cfg, err in rows:
+        assert ok and local == 0 and 0 < regs <= 255 and "maxnreg=255" in cfg, (ok, local, regs, cfg, err)
 
 
 def test_spills_and_compile_errors_fail_the_check(monkeypatch, tmp_path):

@@ -27,8 +27,10 @@ from faig_fast.core.quadrature import FAST_GL_NODES
 from faig_fast.utils.io import atomic_write_json
 from faig_fast.utils.paths import data_root, results_dir, shipped_pair_dir
 
-CASES = ("naive", "loop", "vmap", "linear", "loop-gl", "reduce-torch", "reduce-cpp", "reduce-triton",
-         "reduce-cuda")
+#: engine strategies, ``loop-gl`` (the loop with Gauss–Legendre nodes), ``dataset`` (the path ``faig attribute``
+#: takes: :func:`faig_fast.apps.runs.attribute_dataset` with the default strategy) and the reductions alone
+CASES = ("naive", "loop", "vmap", "linear", "persample", "loop-gl", "dataset", "reduce-torch", "reduce-cpp",
+         "reduce-triton", "reduce-cuda")
 
 
 def device_name(device: torch.device) -> str:
@@ -124,7 +126,12 @@ def _worker(cfg: dict) -> dict:
     precision = "fp32" if case == "naive" else cfg.get("precision", "fp32")
     if case == "loop-gl":
         method, steps = "gausslegendre", cfg["gl_nodes"]
-    if case == "naive":
+    if case == "dataset":
+        from faig_fast.apps.runs import attribute_dataset
+
+        run = lambda: attribute_dataset(a, b, items, steps=steps, method=method, device=device,  # noqa: E731
+                                        precision=precision)
+    elif case == "naive":
         run = lambda: reference_attribute(a.to(device), b.to(device),  # noqa: E731
                                           [(x.to(device), y.to(device), l) for x, y, l in items], steps, method)
     else:
@@ -157,9 +164,9 @@ def run_benchmarks(*, arch: str = "msrresnet", preset: str = "paper", size: int 
     """Run every case in a fresh process, one at a time; write the JSON, print the table, return the path."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if cases is None:
-        cases = ["naive", "loop", "loop-gl", "reduce-torch", "reduce-cpp"]
+        cases = ["naive", "loop", "loop-gl", "dataset", "reduce-torch", "reduce-cpp"]
         if dev.type == "cuda":
-            cases = ["naive", "loop", "vmap", "linear", "loop-gl", "reduce-torch", "reduce-triton", "reduce-cuda"]
+            cases = ["naive", "loop", "vmap", "linear", "persample", "loop-gl", "dataset", "reduce-torch", "reduce-triton", "reduce-cuda"]
     unknown = sorted(set(cases) - set(CASES))
     if unknown:
         from faig_fast.errors import InvalidInputError

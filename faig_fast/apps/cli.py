@@ -57,7 +57,7 @@ def _add_attribute(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/attribution.safetensors")
     p.add_argument("--index-dir", default=None, help="also write authors-style top-filter index .txt files here")
     p.add_argument("--keep-per-image", action="store_true")
-    p.add_argument("--resume-dir", default=None, help="persist per-image results here and resume from them")
+    p.add_argument("--resume-dir", default=None, help="persist each finished batch here (atomically) and resume from them")
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:

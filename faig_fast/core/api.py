@@ -308,7 +308,8 @@ def attribute(model_a: nn.Module, model_b: nn.Module, loader: Iterable, *, steps
     channel count; ``label`` a string or one string per sample).  The model's scale is its ``upscale``
     or ``scale`` attribute, else inferred from one forward pass (1 for denoisers).  ``steps`` and
     ``method`` choose the quadrature of Eq. 5 (``riemann_left`` with 100 steps is the paper's Eq. 6).
-    ``strategy`` picks the engine (``loop``, ``vmap``, ``linear``; ``auto`` = fastest for the device),
+    ``strategy`` picks the engine (``loop``, ``vmap``, ``linear``, ``persample``, ``tune``; ``auto`` is
+    ``loop`` on CPU and ``tune`` on GPU),
     ``precision`` one of ``fp32``, ``tf32``, ``bf16``, ``fp64``.  ``internal_batch_size`` caps the
     steps (and images, for ``vmap``) run in one batched pass; by default chunks are planned from free
     memory or ``memory_budget`` bytes.  ``filters`` is ``"conv"`` (the paper's K×K conv slices) or

@@ -106,13 +106,17 @@ def _compile_one(fn, module: str, variant: tuple[str, dict, dict], config, arch:
     label, sig, const = variant
     const = {**const, **config.kwargs}
     cfg = ",".join(f"{k}={v}" for k, v in config.kwargs.items()) + f",warps={config.num_warps}"
+    if getattr(config, "maxnreg", None) is not None:
+        cfg += f",maxnreg={config.maxnreg}"
     row = KernelReport(kernel=f"{module.rsplit('.', 1)[-1]}:{fn.__name__}", variant=label, config=cfg,
                        arch=f"sm_{arch}", num_warps=config.num_warps)
     t0 = time.perf_counter()
     try:
         src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const)
-        k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+        options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        if getattr(config, "maxnreg", None) is not None:  # as the autotuner launches it (ptx .maxnreg)
+            options["maxnreg"] = config.maxnreg
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         use = _resource_usage(k.asm["cubin"]).get(k.metadata.name) or {}
         row.registers, row.static_shared_bytes = use.get("reg"), use.get("shared")
         row.local_bytes = use.get("local", 0) + use.get("stack", 0)
