@@ -32,18 +32,20 @@ def _fmt_jaccard(j: dict | None) -> str:
 def _bench(doc: dict) -> str:
     """Engine vs naive loop: one row per timed case, then the per-filter reductions."""
     rows = [f"{doc['device']}, torch {doc['torch']}; {doc['arch']} `{doc['preset']}`, {doc['images']} images "
-            f"(LQ crop {doc['lq_crop']}), engine precision {doc.get('precision', 'fp32')}.", "",
+            f"(LQ crop {doc['lq_crop']}), engine precision {doc.get('precision', 'fp32')}"
+            + (f", best of {doc['repeat']} runs per case" if doc.get("repeat", 1) > 1 else "") + ".", "",
             "| case | rule | seconds | speed-up vs naive | top-1% Jaccard vs naive (blur / noise) | "
             "GFLOP/s | % of peak FLOP/s | peak memory |",
             "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |"]
     for r in doc["results"]:
-        if r["case"].startswith("reduce-") or "speedup_vs_naive" not in r:
+        if r["case"].startswith("reduce-") or "seconds" not in r:
             continue
+        sp = r.get("speedup_vs_naive")
         rl = r.get("roofline", {})
         flops = rl.get("achieved_tflop_s", r.get("achieved_tflop_s"))
         frac = rl.get("fraction_of_peak_flops")
         rows.append(
-            f"| `{r['case']}` | {r['method']} {r['steps']} | {r['seconds']:.2f} | {r['speedup_vs_naive']:.2f}× | "
+            f"| `{r['case']}` | {r['method']} {r['steps']} | {r['seconds']:.2f} | {'–' if sp is None else f'{sp:.2f}×'} | "
             f"{_fmt_jaccard(r.get('jaccard_top1_vs_naive'))} | {'–' if flops is None else f'{flops * 1000:.0f}'} | "
             f"{'–' if frac is None else f'{frac:.0%}'} | {r['peak_memory_mb']:.0f} MiB |")
     red = [r for r in doc["results"] if r["case"].startswith("reduce-") and "seconds" in r]
