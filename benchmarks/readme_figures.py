@@ -55,6 +55,12 @@ def _bench(doc: dict) -> str:
     return "\n".join(rows)
 
 
+def _regression(doc: dict) -> str:
+    rows = ["| code | seconds (best of {}) |".format(doc["rounds"]), "| --- | ---: |"]
+    rows += [f"| {k} | {v:.2f} |" for k, v in doc["best"].items()]
+    return "\n".join(rows) + f"\n\nThis code / {doc['rev']}: **{doc['ratio_new_over_old']:.2f}×** the time."
+
+
 def _first_call(doc: dict) -> str:
     return ("| import | first `attribute()` | second `attribute()` | C++ extension |\n| ---: | ---: | ---: | --- |\n"
             f"| {doc['import_s']:.2f} s | {doc['first_call_s']:.2f} s | {doc['second_call_s']:.2f} s | "
@@ -74,13 +80,19 @@ def _precision(doc: dict) -> str:
     return f"Reference: {doc['reference']}, {doc['images']} images.\n\n" + precision_markdown(doc)
 
 
+def _findings(report: str) -> str:
+    """The qualitative-findings checklist of a ``faig reproduce`` report, verbatim."""
+    part = report.split("## Do the paper's qualitative findings hold here?", 1)[1].split("\n## ", 1)[0]
+    return part.strip()
+
+
 def _json_block(doc: dict) -> str:
     return "```json\n" + json.dumps(doc, indent=1, sort_keys=True) + "\n```"
 
 
 RENDERERS: dict[str, Callable[[dict], str]] = {
-    "bench": _bench, "quadrature": _quadrature, "precision": _precision, "first_call": _first_call,
-    "json": _json_block,
+    "bench": _bench, "quadrature": _quadrature, "precision": _precision, "first_call": _first_call, "regression": _regression,
+    "findings": _findings, "json": _json_block,
 }
 
 
@@ -93,7 +105,8 @@ def render(readme: str, root: Path = ROOT) -> str:
         path = root / src
         if not path.is_file():
             raise SystemExit(f"README: figures source {src} does not exist")
-        return m.group(1) + RENDERERS[kind](json.loads(path.read_text())) + "\n" + m.group(5)
+        text = path.read_text()
+        return m.group(1) + RENDERERS[kind](json.loads(text) if path.suffix == ".json" else text) + "\n" + m.group(5)
     return BLOCK.sub(one, readme)
 
 

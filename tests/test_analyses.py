@@ -17,6 +17,7 @@ from faig_fast.data.degradations import make_degradation
 from faig_fast.core.filters import FilterIndex
 from conftest import registry_pair
 from faig_fast.apps.report import HEADERS, write_report
+from faig_fast.errors import InvalidInputError
 
 
 def tiny_pair(seed: int = 0, noise: float = 0.05):
@@ -183,7 +184,7 @@ def test_display_names_have_one_home():
 def test_overlap_score_hand_check():
     assert P.overlap_score({1, 2, 3, 4}, {3, 4, 5}) == 0.5
     assert P.overlap_score(torch.tensor([7, 8]), torch.tensor([8, 9, 10])) == 0.5
-    with pytest.raises(Exception):
+    with pytest.raises(InvalidInputError):
         P.overlap_score(set(), {1})
 
 

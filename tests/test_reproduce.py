@@ -11,6 +11,7 @@ from PIL import Image
 from faig_fast.utils.paths import shipped_pair_dir
 from faig_fast.apps.report import HEADERS
 from faig_fast.apps.reproduce import PRESET_CONFIGS, reproduce
+from faig_fast.errors import InvalidInputError
 
 MICRO = {
     "crop": 32, "steps": 2, "ig_steps": 2, "prediction_steps": 2, "backend": "torch",
@@ -83,7 +84,7 @@ def test_micro_reproduce_and_resume(micro_setup):
     reproduce("tiny", data_root=data, out_dir=out, seeds=(0,), pair_dir=pair, config=MICRO, progress=False)
     assert (out / "modulation.json").exists()
     assert (out / "masking.json").stat().st_mtime_ns == mtimes[out / "masking.json"]
-    with pytest.raises(Exception, match="different configuration"):
+    with pytest.raises(InvalidInputError, match="different configuration"):
         reproduce("tiny", data_root=data, out_dir=out, seeds=(0, 1), pair_dir=pair, config=MICRO, progress=False)
 
 
@@ -112,9 +113,9 @@ def _numbers_that_must_hold(out):
 
 
 def test_unknown_preset_and_config_key(tmp_path):
-    with pytest.raises(Exception, match="unknown preset"):
+    with pytest.raises(InvalidInputError, match="unknown preset"):
         reproduce("huge", data_root=tmp_path, out_dir=tmp_path / "o")
-    with pytest.raises(Exception, match="unknown config key"):
+    with pytest.raises(InvalidInputError, match="unknown config key"):
         reproduce("tiny", data_root=tmp_path, out_dir=tmp_path / "o", config={"nope": 1})
     assert set(PRESET_CONFIGS) == {"tiny", "small", "paper"}
 
