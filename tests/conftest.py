@@ -37,6 +37,17 @@ class TinySR(nn.Module):
                                                           align_corners=False)
 
 
+class GrayDenoiser(nn.Module):
+    """DnCNN-style: one channel in and out, scale 1 (declared nowhere), residual learning."""
+
+    def __init__(self, feat: int = 4):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, feat, 3, padding=1), nn.ReLU(), nn.Conv2d(feat, 1, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - self.body(x)
+
+
 def make_pair(feat: int = 4, seed: int = 0, dtype=torch.float64, noise: float = 0.05):
     """A baseline and a nearby target, as fine-tuning would give."""
     torch.manual_seed(seed)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import faig_fast
-from conftest import make_images, make_loader, make_pair
+from conftest import GrayDenoiser, make_images, make_loader, make_pair
 from faig_fast import attribute
 from faig_fast.core.attribution import Attribution, jaccard, read_index_file, top_count, write_index_file
 from faig_fast.errors import FAIGError, InvalidInputError, ModelMismatchError
@@ -294,16 +294,6 @@ def _perturbed_pair(cls, seed: int = 0, noise: float = 0.05, **kw):
                        for k, v in a.state_dict().items()})
     return a, b
 
-
-class GrayDenoiser(nn.Module):
-    """DnCNN-style: one channel in and out, scale 1 (declared nowhere), residual learning."""
-
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 3, padding=1))
-
-    def forward(self, x):
-        return x - self.body(x)
 
 
 class NoiseMapSR(nn.Module):

@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 import faig_fast
-from conftest import make_pair, registry_pair
+from conftest import GrayDenoiser, make_pair, registry_pair
 from faig_fast.apps import runs
 from faig_fast.apps.runs import attribute_dataset, plan_batches
 from faig_fast.core.attribution import Attribution
@@ -166,14 +166,6 @@ def test_resume_manifest_is_written_atomically(tmp_path, monkeypatch):
     assert (rdir / "run.json").read_text() == before and json.loads(before)["items"] == 1
     assert sorted(p.name for p in rdir.iterdir()) == ["batch000000.safetensors", "run.json"]
 
-
-class GrayDenoiser(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 3, padding=1))
-
-    def forward(self, x):
-        return x - self.body(x)
 
 
 def test_grayscale_denoising_dataset_equals_reference():

@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from faig_fast.core.api import Attributor, HostCheck, LabelSums, checks_to_host
+from faig_fast.core.api import Attributor, HostCheck, LabelSums, checks_to_host, record_images
 from faig_fast.core.attribution import Attribution
 from faig_fast.core.batches import Batch, normalize_batch
 from faig_fast.errors import InvalidInputError
@@ -220,10 +220,7 @@ def _assemble(att: Attributor, records: list[BatchRecord], sums: LabelSums | Non
     added in batch order (bit-identical to the device accumulation)."""
     result = att.new_result(keep_per_image)
     for r in records:
-        for j, (label, name) in enumerate(zip(r.labels, r.names)):
-            result.record(label, name)
-            if keep_per_image:
-                result.image_scores.append(r.scores[j])
+        record_images(result, r.labels, r.names, r.scores if keep_per_image else None)
         if r.sums is not None:
             result.add_sums(r.sums)
     if sums is not None:

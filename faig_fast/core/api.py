@@ -181,7 +181,7 @@ class Attributor:
         self.scale = model_scale(model_b)
         self.channels: tuple[int, int] | None = None  # (lq, gt) channels, fixed by the first batch
         # floating buffers that differ move along the path without a gradient: Eq. 4 over parameters fails
-        moved = [n for n, d in self.engine.buffer_delta.items() if bool(d.ne(0).any())]
+        moved = self.engine.moved_buffers
         skip = (f"floating buffers differ between the models ({', '.join(moved[:3])}): they move along the path "
                 "without a gradient, so Eq. 4 over parameters cannot hold") if moved else None
         self.guard = CompletenessGuard(method, steps, precision, check_completeness, return_convergence_delta, skip)
@@ -231,7 +231,7 @@ class Attributor:
 
     def _probe(self, batch: Batch, where: str) -> tuple[int, ...]:
         """Output shape (C, H, W) of the target model on the batch's first image."""
-        x = batch.lq[:1].to(self.engine.device, self.engine.dtype).clone()  # the model may edit it in place
+        x = batch.lq[:1].to(self.engine.device, self.engine.dtype)  # engine.forward passes a copy
         try:
             with torch.no_grad():
                 out = self.engine.forward(0.0, x)
@@ -270,10 +270,7 @@ class Attributor:
             g = img.grads.get(n)
             if g is not None:
                 total = total + (e.delta[n].double() * g.double()).sum()
-        x, y = lq.to(e.device, e.dtype), gt.to(e.device, e.dtype).double()
-        with torch.no_grad():
-            losses = [((e.forward(a, x.clone()).double() - y) ** 2).sum() for a in (0.0, 1.0)]
-        return Check(total, losses[0], losses[1])
+        return Check(total, *e.endpoint_losses(lq, gt))
 
     def finish(self, result: Attribution, items: Sequence[tuple[int, str, HostCheck | None]]) -> Attribution:
         """Provenance, convergence deltas (when asked) and the completeness report into ``result``.
@@ -287,13 +284,18 @@ class Attributor:
         return result
 
 
-def record_batch(result: Attribution, bs: BatchScores, keep_per_image: bool) -> None:
-    """Count a batch's images in ``result`` (their sums reach it separately), copying scores if kept."""
-    host = bs.scores.cpu() if keep_per_image else None
-    for j, (label, name) in enumerate(zip(bs.labels, bs.names)):
+def record_images(result: Attribution, labels: Sequence[str], names: Sequence[str],
+                  host_scores: torch.Tensor | None) -> None:
+    """Count images in ``result`` (their sums reach it separately), keeping their host scores if given."""
+    for j, (label, name) in enumerate(zip(labels, names)):
         result.record(label, name)
-        if host is not None:
-            result.image_scores.append(host[j])
+        if host_scores is not None:
+            result.image_scores.append(host_scores[j])
+
+
+def record_batch(result: Attribution, bs: BatchScores, keep_per_image: bool) -> None:
+    """Count a batch's images in ``result``, copying their scores to the host if kept."""
+    record_images(result, bs.labels, bs.names, bs.scores.cpu() if keep_per_image else None)
 
 
 def attribute(model_a: nn.Module, model_b: nn.Module, loader: Iterable, *, steps: int = 100,

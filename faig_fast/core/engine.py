@@ -161,10 +161,14 @@ class PathEngine:
         return self._index
 
     @property
+    def moved_buffers(self) -> list[str]:
+        """Floating buffers that differ between the models: they move along the path but have no
+        gradient, so Σ_i FAIG_i over parameters need not equal L(θ̄) − L(θ) (Eq. 4)."""
+        return [n for n, d in self.buffer_delta.items() if bool(d.ne(0).any())]
+
+    @property
     def buffers_move(self) -> bool:
-        """True when some floating buffer differs between the models: it moves along the path but has
-        no gradient, so Σ_i FAIG_i over parameters need not equal L(θ̄) − L(θ) (Eq. 4)."""
-        return any(bool(d.ne(0).any()) for d in self.buffer_delta.values())
+        return bool(self.moved_buffers)
 
     # passes -------------------------------------------------------------------------------------
     def forward(self, alpha: float, x: torch.Tensor) -> torch.Tensor:
@@ -172,6 +176,14 @@ class PathEngine:
         with self._autocast():
             return functional_call(self.net, (self.space.params_at(alpha), self.space.buffers_at(alpha)),
                                    (x.clone(),))
+
+    def endpoint_losses(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """L(θ) and L(θ̄) for one image ``x`` (1,C,h,w), ``y`` (1,C',H,W) as float64 0-d tensors on the
+        device (no host sync), for the completeness check of Eq. 4."""
+        y = y.to(self.device, torch.float64)
+        with torch.no_grad():
+            return tuple(((self.forward(a, x.to(self.device, self.dtype)).double() - y) ** 2).sum()
+                         for a in (0.0, 1.0))
 
     def image_loss(self, params: dict, buffers: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """L at the given parameters for one image ``x`` (C,h,w) — the function ``torch.func`` differentiates."""
@@ -265,10 +277,8 @@ class PathEngine:
             grads = self._integrate_batch(lq, gt, alphas, weights)
         results = [ImageResult(g) for g in grads]
         if endpoints:
-            with torch.no_grad():
-                for i, r in enumerate(results):
-                    r.loss_target = float(self._loss(self.forward(0.0, lq[i:i + 1]), gt[i:i + 1]))
-                    r.loss_baseline = float(self._loss(self.forward(1.0, lq[i:i + 1]), gt[i:i + 1]))
+            for i, r in enumerate(results):
+                r.loss_target, r.loss_baseline = (float(v) for v in self.endpoint_losses(lq[i:i + 1], gt[i:i + 1]))
         return results
 
     def _integrate_batch(self, lq: torch.Tensor, gt: torch.Tensor, alphas: torch.Tensor,
