@@ -27,7 +27,8 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
-from faig_fast.core.api import Attributor, HostCheck, LabelSums, checks_to_host, record_images
+from faig_fast.core.api import Attributor, LabelSums, record_images
+from faig_fast.core.completeness import HostCheck, checks_to_host
 from faig_fast.core.attribution import Attribution
 from faig_fast.core.batches import Batch, normalize_batch
 from faig_fast.errors import InvalidInputError
