@@ -34,8 +34,12 @@ kernels-check: $(STAMP)
 # On a CUDA machine whose python3 already has torch, triton and the test tools: no venv, no download.
 # CUDA tests, engine vs naive loop (crops and full Set14, 3 precisions, 2 rules), roofline, training
 # throughput -> benchmarks/results/gpu-<device>-<date>.{json,md}, in at most 8 minutes.  Without CUDA:
-# a tiny CPU dry run that checks the wiring and exits 0.
+# a tiny CPU dry run that checks the wiring and exits 0.  When $(GPU_PY) cannot import torch, the run
+# uses the project's $(VENV) instead, created and installed as by `make install`.  (The torch probe
+# runs when the recipe is expanded, so `make -n gpu-check` shows the branch that would run.)
 GPU_PY ?= python3
 gpu-check:
-	$(GPU_PY) -m pip install -q -e . --no-deps --no-build-isolation
-	$(GPU_PY) -m faig_fast.apps.gpu_check
+	$(eval GPU_HAS_TORCH := $(shell $(GPU_PY) -c "import torch" >/dev/null 2>&1 && echo yes))
+	$(if $(GPU_HAS_TORCH),,$(info gpu-check: $(GPU_PY) cannot import torch; using $(VENV), installed as by make install))
+	$(if $(GPU_HAS_TORCH),$(GPU_PY) -m pip install -q -e . --no-deps --no-build-isolation,$(MAKE) --no-print-directory install)
+	$(if $(GPU_HAS_TORCH),$(GPU_PY),$(PY)) -m faig_fast.apps.gpu_check

@@ -77,7 +77,11 @@ def _quadrature(doc: dict) -> str:
 def _precision(doc: dict) -> str:
     from faig_fast.apps.studies import precision_markdown
 
-    return f"Reference: {doc['reference']}, {doc['images']} images.\n\n" + precision_markdown(doc)
+    labels = sorted(doc["rows"][0]["jaccard_vs_converged"])
+    host = f"{doc['device']}, torch {doc['torch']}; " if "device" in doc and "torch" in doc else ""
+    return (f"{host}reference: {doc['reference']}; {doc['images']} images × {{{', '.join(labels)}}} "
+            f"({doc['images'] * len(labels)} attributions per run); s / image = a run's seconds / {doc['images']}."
+            "\n\n" + precision_markdown(doc))
 
 
 def _findings(report: str) -> str:

@@ -73,6 +73,62 @@ def test_ig_zero_path_is_abs_gradient(models):
     torch.testing.assert_close(att.mean("clean"), expect, rtol=1e-4, atol=1e-7)
 
 
+def _abs_gradient(model, x):
+    """Σ_kk |∂ΣF(x)/∂θ| per filter: what IG gives on a zero path (x = x̄)."""
+    net = copy.deepcopy(model)
+    net.zero_grad()
+    net(x[None]).sum().backward()
+    params = dict(net.named_parameters())
+    return torch.cat([params[l.name].grad.abs().reshape(l.num_filters, -1).sum(1).double()
+                      for l in FilterIndex.from_model(model).layers])
+
+
+def test_ig_restores_the_callers_modes_and_grad_flags(models):
+    """IG runs in eval mode but hands the model back as the caller had it, submodule by submodule."""
+    _, b = models
+    net = copy.deepcopy(b).train()
+    net.body.eval()  # a mixed model: train overall, one part frozen in eval
+    net.conv_first.weight.requires_grad_(False)
+    modes = {n: m.training for n, m in net.named_modules()}
+    flags = {n: p.requires_grad for n, p in net.named_parameters()}
+    B.ig_attribution(net, items()[:1], steps=2)
+    assert {n: m.training for n, m in net.named_modules()} == modes
+    assert {n: p.requires_grad for n, p in net.named_parameters()} == flags
+    assert net.training and not net.body.training
+
+
+def _undeclared_x3() -> torch.nn.Module:
+    """A ×3 SR net that declares no ``upscale``/``scale``: its scale shows only in its output."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 27, 3, padding=1), torch.nn.PixelShuffle(3)).double()
+
+
+@pytest.mark.parametrize("which", ["denoiser_x1", "sr_x3"])
+def test_ig_infers_the_scale_of_models_that_declare_none(which):
+    """The clean LR x̄ uses the model's own scale (inferred from one forward pass), not ×2: on x = x̄
+    the zero path gives the plain absolute gradient."""
+    from conftest import GrayDenoiser
+
+    if which == "denoiser_x1":
+        torch.manual_seed(0)
+        model, gt, scale = GrayDenoiser().double(), torch.rand(1, 12, 12, dtype=torch.float64), 1
+    else:
+        model, gt, scale = _undeclared_x3(), torch.rand(3, 12, 12, dtype=torch.float64), 3
+    lq = make_degradation("clean", scale=scale)(gt)
+    att = B.ig_attribution(model, [(lq, gt, "clean")], steps=3)
+    # x̄ is rebuilt from gt in fp32 (as the loaders give it): equal to lq up to fp32 rounding of the 8-bit levels
+    torch.testing.assert_close(att.mean("clean"), _abs_gradient(model, lq), rtol=1e-6, atol=1e-9)
+
+
+def test_ig_refuses_gt_that_the_model_output_does_not_match():
+    """The scale is inferred from the model's output, which must have gt's size (here ×3 vs gt ×6)."""
+    model = _undeclared_x3()
+    gt = torch.rand(3, 24, 24, dtype=torch.float64)
+    lq = make_degradation("clean", scale=6)(gt)
+    with pytest.raises(InvalidInputError, match="output of size"):
+        B.ig_attribution(model, [(lq, gt, "clean")], steps=2)
+
+
 def test_weight_change_random_and_rankings(models):
     a, b = models
     index = FilterIndex.from_model(b)

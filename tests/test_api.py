@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -38,11 +37,11 @@ def test_attribute_equals_reference(strategy, method):
 def test_device_accumulation_equals_per_image_sums(dtype, backend, monkeypatch):
     """The fused reduce-and-accumulate kernel sums each degradation on the device; the per-image scores
     kept on request add up to the same sums, and keeping them does not change the sums."""
-    from faig_fast.core import api
+    from faig_fast.core import scoring
 
     calls = []
-    fused = api.filter_abs_sum_accumulate
-    monkeypatch.setattr(api, "filter_abs_sum_accumulate", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    fused = scoring.filter_abs_sum_accumulate
+    monkeypatch.setattr(scoring, "filter_abs_sum_accumulate", lambda *a, **k: calls.append(1) or fused(*a, **k))
     a, b = make_pair(dtype=dtype)
     lq, gt = make_images(4, dtype=dtype)
     batched = [(lq[:3], gt[:3], ["noise", "blur", "noise"]), (lq[3], gt[3], "clean")]
@@ -76,6 +75,23 @@ def test_label_sums_with_internal_batch_chunks(internal_batch_size):
         for label in ("noise", "blur", "clean"):
             expect = sum(s for s, l in zip(ref.image_scores, labels) if l == label)
             torch.testing.assert_close(got.sums[label], expect, rtol=1e-9, atol=1e-12)
+
+
+def test_label_sums_add_rows_by_label_in_any_order():
+    from faig_fast.core.scoring import LabelSums
+
+    def sums(labels, rows):
+        s = LabelSums(2, torch.device("cpu"))
+        s.label_index(labels)
+        s.totals += torch.tensor(rows, dtype=torch.float64)
+        return s
+
+    run = sums(["blur", "noise"], [[1, 2], [3, 4]])
+    run.add(sums(["blur", "noise"], [[10, 20], [30, 40]]))  # rows line up
+    run.add(sums(["clean", "noise", "blur"], [[5, 6], [100, 200], [300, 400]]))  # new and permuted labels
+    run.add(LabelSums(2, torch.device("cpu")))  # nothing
+    got = {l: t.tolist() for l, t in run.to_host().items()}
+    assert got == {"blur": [311, 422], "noise": [133, 244], "clean": [5, 6]}
 
 
 def test_vmap_batches_images_of_equal_size():
@@ -380,77 +396,54 @@ def test_scale_that_is_not_an_integer_is_refused():
         attribute(a, b, [(lq, gt, "blur")], steps=2)
 
 
-# the completeness guard (Eq. 4) ------------------------------------------------------------------
+def test_resolve_scale_is_the_cli_s_scale_before_any_data():
+    """Declared, else measured on a private copy by the same probe and inference the run uses."""
+    from faig_fast.core.batches import resolve_scale
 
-class CompoundingInput(nn.Module):
-    """TinySR whose input is scaled by 2 on every call: what an engine that handed one tensor to every
-    pass of a model doing ``x.mul_(2)`` in forward would compute (the hidden state lives in ``calls``)."""
-
-    def __init__(self):
-        super().__init__()
-        from conftest import TinySR
-
-        self.sr = TinySR()
-        self.upscale = 2
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        return self.sr(x * 2.0 ** self.calls)
+    a, _ = _perturbed_pair(PaddedX3)
+    before = {k: v.clone() for k, v in a.state_dict().items()}
+    assert resolve_scale(a) == 3 and resolve_scale(GrayDenoiser(), channels=1) == 1
+    assert resolve_scale(make_pair()[1]) == 2  # declared (upscale = 2)
+    assert all(torch.equal(before[k], v) for k, v in a.state_dict().items())
+    with pytest.raises(InvalidInputError, match=r"--target m.pth \(declares no scale; measuring it\): the model "
+                                                r"cannot run on lq of shape \(3, 24, 24\)"):
+        resolve_scale(nn.Sequential(nn.Conv2d(4, 3, 3)), where="--target m.pth")
+    with pytest.raises(InvalidInputError, match="cannot infer the model's scale"):
+        resolve_scale(nn.Sequential(nn.Conv2d(3, 3, 3)))
 
 
-@pytest.mark.parametrize("steps", [8, 16])
-@pytest.mark.parametrize("method", ["riemann_left", "gausslegendre"])
-def test_completeness_guard_quiet_on_a_normal_pair(steps, method):
-    from faig_fast.errors import CompletenessWarning
+class _Items(torch.utils.data.Dataset):
+    """A map-style dataset of single (lq, gt, label) images without item names; counts its loads."""
+
+    def __init__(self, items):
+        self.items, self.loaded = items, []
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        self.loaded.append(i)
+        return self.items[i]
+
+
+def test_a_dataset_runs_in_planned_batches_with_position_names():
+    from faig_fast.core.batches import iterate_units
 
     a, b = make_pair()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", CompletenessWarning)
-        res = attribute(a, b, make_loader(("blur", "noise", "blur", "noise")), steps=steps, method=method)
-    report = res.meta["completeness"]
-    every = math.ceil(20 / steps)
-    assert report["every"] == every and report["flagged"] == 0
-    assert report["images"] == [f"image{i}" for i in range(0, 4, every)]
-    assert len(report["delta"]) == report["checked"] == len(range(0, 4, every))
-    assert max(report["error"]) < report["tolerance"] / 2
-
-
-@pytest.mark.parametrize("strategy", ["loop", "vmap"])
-@pytest.mark.parametrize("steps", [8, 16])
-def test_completeness_guard_trips_on_a_model_that_changes_between_passes(strategy, steps):
-    from faig_fast.errors import CompletenessWarning
-
-    a, b = _perturbed_pair(CompoundingInput)
-    with pytest.warns(CompletenessWarning, match="completeness check failed on 1 of 1 checked images: on 'image0'"):
-        res = attribute(a, b, make_loader(("blur",)), steps=steps, strategy=strategy)
-    assert res.meta["completeness"]["flagged"] == 1 and res.meta["completeness"]["error"][0] > 0.75
-
-
-def test_completeness_guard_costs_at_most_five_percent():
-    """Counted forward calls: the check adds 2 per checked image, ≤ 5 % of 2·steps per image (+ the first)."""
-    a, b = make_pair()
-    calls = []
-    b.register_forward_pre_hook(lambda m, x: calls.append(1))
-    data = make_loader(("blur", "noise") * 6)
-    counts = {}
-    for on in (False, True):
-        calls.clear()
-        res = attribute(a, b, data, steps=8, strategy="loop", check_completeness=on)
-        counts[on] = len(calls)
-    checked = res.meta["completeness"]["checked"]
-    assert checked == 4  # images 0, 3, 6, 9
-    assert counts[True] - counts[False] == 2 * checked
-    assert 2 * checked <= 0.05 * (2 * 8 * 12)
-
-
-def test_completeness_guard_skips_what_it_cannot_check():
-    a, b = make_pair()
-    assert attribute(a, b, make_loader(), steps=8, check_completeness=False).meta["completeness"] == {
-        "checked": 0, "skipped": "check_completeness=False"}
-    assert "too coarse" in attribute(a, b, make_loader(), steps=2).meta["completeness"]["skipped"]
-    res = attribute(a, b, make_loader(), steps=8, return_convergence_delta=True)
-    assert len(res.convergence_delta) == 3 and res.meta["completeness"]["delta"] == res.convergence_delta
+    data = make_loader(("blur", "noise", "blur"))
+    ds = _Items(data)
+    got = attribute(a, b, ds, steps=4, precision="fp64", keep_per_image=True)
+    ref = attribute(a, b, data, steps=4, precision="fp64", keep_per_image=True)
+    assert got.image_names == ref.image_names == ["image0", "image1", "image2"]
+    for x, y in zip(got.image_scores, ref.image_scores):
+        assert torch.equal(x, y)
+    ds.loaded.clear()  # a shard's other units are not loaded
+    units = list(iterate_units(ds, lambda batch, where: batch, wanted=lambda j: j == 1))
+    assert [u.positions for u in units] == [[0], [1], [2]] and [u.parts is None for u in units] == [True, False, True]
+    assert ds.loaded == [1]
+    lq, gt = make_images(2)
+    with pytest.raises(InvalidInputError, match="item 0: a dataset item must be one image, got a batch of 2"):
+        attribute(a, b, _Items([(lq, gt, ["blur", "noise"])]), steps=2)
 
 
 # filters and mode ---------------------------------------------------------------------------------

@@ -122,6 +122,34 @@ def test_merge_refuses_different_index_or_mixed_per_image():
     assert empty.keep_per_image and len(empty.image_scores) == 2
 
 
+def test_merge_refuses_results_of_different_runs():
+    """Shards of one run (or runs over other images) merge; another rule, precision, mode, model or
+    scale does not, nor the same dataset's images twice."""
+    from conftest import make_loader, make_pair
+    from faig_fast import attribute
+    from faig_fast.data import DegradedImageDataset
+
+    a, b = make_pair()
+    data = make_loader(("blur", "noise", "blur", "noise"))
+    kw = dict(steps=4, precision="fp64", check_completeness=False)
+    whole = attribute(a, b, data, **kw)
+    merged = attribute(a, b, data[:2], **kw).merge(attribute(a, b, data[2:], **kw))
+    for label in whole.labels:
+        torch.testing.assert_close(merged.sums[label], whole.sums[label], rtol=1e-12, atol=0)
+    _, other_b = make_pair(seed=1)
+    for change, field in ((dict(steps=5), "rule"), (dict(precision="fp32"), "precision"),
+                          (dict(mode="train"), "mode"), (dict(model_b=other_b), "model_b_sha256")):
+        run = {**kw, **change}
+        other = attribute(a, run.pop("model_b", b), data[2:], **run)
+        with pytest.raises(FAIGError, match=f"different runs \\({field}: "):
+            attribute(a, b, data[:2], **kw).merge(other)
+    g = torch.Generator().manual_seed(0)
+    ds = DegradedImageDataset([("x", torch.rand(3, 12, 12, generator=g, dtype=torch.float64))], ("blur",))
+    once = attribute(a, b, ds, **kw)
+    with pytest.raises(FAIGError, match="share images \\(e.g. 'x/blur'\\)"):
+        once.merge(attribute(a, b, ds, **kw))
+
+
 def test_save_load_round_trip_keeps_granularities(tmp_path):
     result = build(per_image(3))
     path = result.save(tmp_path / "r.safetensors")

@@ -27,16 +27,84 @@ def files(tmp_path):
     return tmp_path
 
 
+def _attribute_args(files, *extra: str) -> list[str]:
+    return ["attribute", "--baseline", str(files / "a.safetensors"), "--target", str(files / "b.safetensors"),
+            "--data", str(files / "imgs"), "--steps", "3", "--out", str(files / "r.safetensors"), *extra]
+
+
 def test_attribute_command(files, capsys):
-    rc = main(["attribute", "--baseline", str(files / "a.safetensors"), "--target", str(files / "b.safetensors"),
-               "--data", str(files / "imgs"), "--steps", "3", "--out", str(files / "r.safetensors"),
-               "--index-dir", str(files / "top"), "--top", "0.05"])
-    assert rc == 0
-    summary = json.loads(capsys.readouterr().out)
+    """A readable table per degradation (rank, layer, out/in channel, score; 10 rows), not bare flat indices."""
+    assert main(_attribute_args(files, "--index-dir", str(files / "top"), "--top", "0.05")) == 0
+    out = capsys.readouterr().out
     result = Attribution.load(files / "r.safetensors")
     assert result.counts == {"blur": 2, "noise": 2}
-    assert summary["images"] == 4
     assert read_index_file(files / "top" / "blur_top0.05.txt").tolist() == result.top("blur", 0.05).tolist()
+    assert out.startswith("FAIG: 4 images (blur 2, noise 2)")
+    for label in ("blur", "noise"):
+        lines = out.split(f"\n{label}: top 10 of {len(result.index)} filters by Eq. 7 score\n")[1].splitlines()
+        assert lines[0].split() == ["rank", "layer", "out", "in", "score"]
+        units, scores = result.units(), result.scores(label)
+        for rank, (line, i) in enumerate(zip(lines[1:11], result.ranking(label)[:10].tolist()), 1):
+            u = units[i]
+            assert line.split() == [str(rank), u.layer, str(u.out_channel), str(u.in_channel), f"{scores[i]:.4g}"]
+        assert not lines[11].strip()
+    assert "[" not in out  # no lists of flat indices
+
+
+def test_attribute_command_json(files, capsys):
+    """--json: every unit of the top fraction with its fields and score (the machine-readable output)."""
+    assert main(_attribute_args(files, "--json", "--top", "0.05", "--by", "channel")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    result = Attribution.load(files / "r.safetensors")
+    assert summary["images"] == 4 and summary["counts"] == {"blur": 2, "noise": 2} and summary["by"] == "channel"
+    for label in ("blur", "noise"):
+        top, scores, units = result.top(label, 0.05, by="channel"), result.scores(label, by="channel"), \
+            result.units("channel")
+        rows = summary["top"][label]
+        assert [r["index"] for r in rows] == top.tolist() and [r["rank"] for r in rows] == list(range(1, len(top) + 1))
+        assert [(r["layer"], r["channel"]) for r in rows] == [(units[i].layer, units[i].channel) for i in top.tolist()]
+        assert [r["score"] for r in rows] == scores[top].tolist()
+
+
+def test_attribute_command_passes_the_api_options(files, capsys, monkeypatch):
+    """--check-completeness/--no-check-completeness, --internal-batch-size, --backend, --memory-budget reach
+    faig_fast.attribute, with the dataset itself (one loop) and torchrun sharding on."""
+    from faig_fast.core import api
+
+    seen = []
+    real = api.attribute
+    monkeypatch.setattr(api, "attribute", lambda *a, **k: seen.append((a, k)) or real(*a, **k))
+    assert main(_attribute_args(files, "--no-check-completeness", "--internal-batch-size", "2", "--backend",
+                                "torch", "--memory-budget", "64M")) == 0
+    assert "not checked (check_completeness=False)" in capsys.readouterr().out
+    (_, _, data), kw = seen[0]
+    assert kw["check_completeness"] is False and kw["internal_batch_size"] == 2 and kw["backend"] == "torch"
+    assert kw["memory_budget"] == 64 << 20 and kw["distributed"] is True
+    assert data.item_name(0) == "0/blur" and len(data) == 4
+    assert Attribution.load(files / "r.safetensors").meta["completeness"]["checked"] == 0
+    assert main(_attribute_args(files, "--steps", "8")) == 0  # 3 Riemann steps are too coarse to check
+    assert seen[1][1]["check_completeness"] is True and seen[1][1]["backend"] == "auto"
+    assert Attribution.load(files / "r.safetensors").meta["completeness"]["checked"] >= 1
+    capsys.readouterr()
+    for bad, message in ((["--internal-batch-size", "0"], "must be an integer >= 1, got '0'"),
+                         (["--memory-budget", "lots"], "not a byte count: 'lots'"), (["--backend", "numpy"], "invalid")):
+        with pytest.raises(SystemExit):
+            main(_attribute_args(files, *bad))
+        assert message in capsys.readouterr().err
+
+
+def test_demo_help_names_the_pair_it_runs(capsys):
+    from faig_fast.apps.demo import PAIR_DIR
+
+    assert PAIR_DIR.name == "msrresnet_small"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.strip().startswith("demo"))
+    assert "MSRResNet-small" in line and "tiny" not in line
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "shipped MSRResNet-small pair (faig_fast/assets/pairs/msrresnet_small)" in text and "tiny" not in text
 
 
 def test_attribute_command_reports_bad_input(files, capsys):
@@ -82,7 +150,7 @@ def test_attribute_command_with_your_own_model_class(files, capsys, monkeypatch)
     are those of the Python API on the same images."""
     import torch
 
-    from faig_fast.apps.runs import attribute_dataset
+    from faig_fast import attribute
     from faig_fast.data import DegradedImageDataset
 
     (files / "own_cli_model.py").write_text(_OWN_MODEL)
@@ -98,16 +166,16 @@ def test_attribute_command_with_your_own_model_class(files, capsys, monkeypatch)
     rc = main(["attribute", "--baseline", str(files / "a.pth"), "--target", str(files / "b.pth"),
                "--model-class", "own_cli_model:PlainX2", "--model-kwargs", '{"feat": 3}',
                "--data", str(files / "imgs"), "--steps", "3", "--out", str(files / "own.safetensors"),
-               "--by", "channel", "--index-dir", str(files / "top"), "--top", "0.2"])
+               "--by", "channel", "--index-dir", str(files / "top"), "--top", "0.2", "--json"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     result = Attribution.load(files / "own.safetensors")
-    ref = attribute_dataset(a.eval(), b.eval(), DegradedImageDataset(str(files / "imgs"), ("blur", "noise"), scale=2),
-                            steps=3)
+    ref = attribute(a.eval(), b.eval(), DegradedImageDataset(str(files / "imgs"), ("blur", "noise"), scale=2), steps=3)
+    assert result.image_names == ref.image_names == [f"{i}/{d}" for i in range(2) for d in ("blur", "noise")]
     for label in ("blur", "noise"):
         torch.testing.assert_close(result.scores(label), ref.scores(label), rtol=1e-5, atol=0)
         top = ref.top(label, 0.2, by="channel")
-        assert summary[f"top_{label}"] == top[:10].tolist() and summary["by"] == "channel"
+        assert [r["index"] for r in summary["top"][label]] == top.tolist() and summary["by"] == "channel"
         assert read_index_file(files / "top" / f"{label}_channel_top0.2.txt").tolist() == top.tolist()
 
 
@@ -129,7 +197,7 @@ def test_attribute_command_gray_scale1_denoiser(files, capsys, monkeypatch):
     """A 1-channel denoiser that declares no scale: --gray reads gray images, the scale (1) is measured."""
     import torch
 
-    from faig_fast.apps.runs import attribute_dataset
+    from faig_fast import attribute
     from faig_fast.data import DegradedImageDataset
 
     (files / "own_gray_model.py").write_text(_GRAY_DENOISER)
@@ -150,7 +218,7 @@ def test_attribute_command_gray_scale1_denoiser(files, capsys, monkeypatch):
     result = Attribution.load(files / "gray.safetensors")
     ds = DegradedImageDataset(str(files / "imgs"), ("blur", "noise"), scale=1, channels=1)
     assert ds[0][0].shape == ds[0][1].shape == (1, 16, 18)
-    ref = attribute_dataset(a.eval(), b.eval(), ds, steps=2)
+    ref = attribute(a.eval(), b.eval(), ds, steps=2)
     for label in ("blur", "noise"):
         torch.testing.assert_close(result.scores(label), ref.scores(label), rtol=1e-5, atol=0)
 

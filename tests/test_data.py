@@ -234,6 +234,32 @@ def test_dataset_determinism(folder: Path) -> None:
     assert not torch.equal(a[2][0] - a[0][0], c[2][0] - c[0][0])
 
 
+def test_dataset_fingerprint_covers_everything_that_makes_its_tensors(folder: Path) -> None:
+    """Equal for equal inputs (another instance, a touched file); different when any file's bytes, the
+    seed, crop, scale, channels, a degradation parameter or the labels change."""
+    import os
+
+    base = dict(degradations=("blur", "noise"), seed=0)
+    fp = DegradedImageDataset(folder, **base).fingerprint()
+    assert fp == DegradedImageDataset(folder, **base).fingerprint() and len(fp) == 64
+    os.utime(folder / "a.png", ns=(1, 1))  # only the mtime: same bytes, same items
+    assert DegradedImageDataset(folder, **base).fingerprint() == fp
+    changes = [dict(seed=1), dict(crop=12), dict(scale=3), dict(channels=1), dict(blur_sigma=1.5),
+               dict(noise_sigma=0.05), dict(kernel_size=15), dict(degradations=("blur", "blur+noise"))]
+    prints = {DegradedImageDataset(folder, **{**base, **c}).fingerprint() for c in changes}
+    assert len(prints) == len(changes) and fp not in prints
+    stat = (folder / "a.png").stat()
+    arr = np.array(Image.open(folder / "a.png"))
+    arr[0, 0, 0] ^= 1  # one pixel, same size, same mtime
+    Image.fromarray(arr).save(folder / "a.png")
+    os.utime(folder / "a.png", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert DegradedImageDataset(folder, **base).fingerprint() != fp
+    tensors = pairs((8, 8), (8, 10))
+    fp_t = DegradedImageDataset(tensors, **base).fingerprint()
+    tensors[1][1][0, 0, 0] += 0.01
+    assert DegradedImageDataset(tensors, **base).fingerprint() != fp_t
+
+
 def test_dataset_validation(folder: Path) -> None:
     with pytest.raises(InvalidInputError, match="valid labels"):
         DegradedImageDataset(folder, ("blurry",))

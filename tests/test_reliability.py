@@ -16,7 +16,7 @@ def test_oom_halves_the_chunk_and_retries(monkeypatch):
     lq, gt = make_images(1)
     engine = PathEngine(a, b, strategy="linear", precision="fp64", chunk_size=8)
     expected = PathEngine(a, b, strategy="loop", precision="fp64").integrate(lq, gt, steps=8)[0].grads
-    real = engine._linear_chunk
+    real = engine.strategies["linear"].chunk
     seen = []
 
     def flaky(x, y, alphas, weights):
@@ -25,7 +25,7 @@ def test_oom_halves_the_chunk_and_retries(monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(x, y, alphas, weights)
 
-    monkeypatch.setattr(engine, "_linear_chunk", flaky)
+    monkeypatch.setattr(engine.strategies["linear"], "chunk", flaky)
     got = engine.integrate(lq, gt, steps=8)[0].grads
     assert seen[:3] == [8, 4, 2]
     for n in expected:
@@ -40,7 +40,7 @@ def test_oom_at_chunk_one_is_raised(monkeypatch):
     def always(*args):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(engine, "_linear_chunk", always)
+    monkeypatch.setattr(engine.strategies["linear"], "chunk", always)
     with pytest.raises(torch.OutOfMemoryError):
         engine.integrate(lq, gt, steps=2)
 
@@ -49,9 +49,9 @@ def test_chunk_planner_respects_budget():
     a, b = make_pair()
     lq, _ = make_images(1)
     engine = PathEngine(a, b, strategy="vmap", memory_budget=1)
-    assert engine.plan_chunk(lq[:1].to(engine.dtype), 100) == 1
+    assert engine.runner.plan_chunk(100, engine.step_bytes(lq[:1].to(engine.dtype))) == 1
     engine = PathEngine(a, b, strategy="vmap", memory_budget=1 << 40)
-    assert engine.plan_chunk(lq[:1].to(engine.dtype), 100) == 100
+    assert engine.runner.plan_chunk(100, engine.step_bytes(lq[:1].to(engine.dtype))) == 100
 
 
 def test_failed_save_keeps_previous_result(tmp_path, monkeypatch):
@@ -92,13 +92,12 @@ def test_failed_batch_save_leaves_no_torn_file_and_resumes(tmp_path, monkeypatch
     rerun computes only the rest and gives the uninterrupted run's sums bit for bit."""
     from safetensors.torch import save_file as real_save
 
-    from faig_fast.apps.runs import attribute_dataset
     from faig_fast.data import DegradedImageDataset
 
     a, b = make_pair(dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
     ds = DegradedImageDataset([(f"im{i}", torch.rand(3, 8, 8 + 2 * i, generator=g)) for i in range(3)], ("blur", "noise"))
-    whole = attribute_dataset(a, b, ds, steps=3)
+    whole = attribute(a, b, ds, steps=3)
     saves = []
 
     def flaky(tensors, path, metadata=None):
@@ -111,11 +110,11 @@ def test_failed_batch_save_leaves_no_torn_file_and_resumes(tmp_path, monkeypatch
 
     monkeypatch.setattr("safetensors.torch.save_file", flaky)
     with pytest.raises(OSError, match="disk full"):
-        attribute_dataset(a, b, ds, steps=3, resume_dir=tmp_path / "r")
+        attribute(a, b, ds, steps=3, resume_dir=tmp_path / "r")
     monkeypatch.undo()
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["batch000000.safetensors", "run.json"]
     first = (tmp_path / "r" / "batch000000.safetensors").stat().st_mtime_ns
-    again = attribute_dataset(a, b, ds, steps=3, resume_dir=tmp_path / "r")
+    again = attribute(a, b, ds, steps=3, resume_dir=tmp_path / "r")
     assert (tmp_path / "r" / "batch000000.safetensors").stat().st_mtime_ns == first
     assert again.counts == whole.counts and again.image_names == whole.image_names
     for label in whole.labels:

@@ -1,5 +1,5 @@
-"""``attribute_dataset``: the batch loop of ``faig_fast.attribute``, resumable (a real SIGKILL after a
-persisted batch) and sharded over 2 gloo processes under torchrun."""
+"""The one run loop of ``faig_fast.attribute`` and ``faig attribute``: resumable (a real SIGKILL after a
+persisted batch; never from other inputs) and sharded over 2 gloo processes under torchrun."""
 from __future__ import annotations
 
 import json
@@ -14,19 +14,24 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 import faig_fast
 from conftest import GrayDenoiser, make_pair, registry_pair
-from faig_fast.apps import runs
-from faig_fast.apps.runs import attribute_dataset, plan_batches
 from faig_fast.core.attribution import Attribution
+from faig_fast.core.attributor import Attributor
+from faig_fast.core.batches import iterate_units, plan_batches, unit_digest
+from faig_fast.core.resume import ResumeStore
 from faig_fast.core.reference import reference_attribute
 from faig_fast.data import DegradedImageDataset
 from faig_fast.errors import InvalidInputError
 from faig_fast.models import save_model
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def attribute_dataset(model_a, model_b, dataset, **kwargs) -> Attribution:
+    """What ``faig attribute`` runs on its dataset."""
+    return faig_fast.attribute(model_a, model_b, dataset, distributed=True, **kwargs)
 
 
 @pytest.fixture
@@ -96,7 +101,8 @@ def test_resume_dir_rejects_other_settings(tmp_path):
 
 
 def test_one_path_for_attribute_and_attribute_dataset(tmp_path):
-    """attribute_dataset runs faig_fast.attribute's batches; with a resume folder its sums are bit-identical."""
+    """A list of the dataset's items and the dataset itself give the same names and scores; with a resume
+    folder the sums are bit-identical."""
     a, b = make_pair(dtype=torch.float32)
     ds = _dataset()
     assert plan_batches(ds) == [[0, 1], [2, 3], [4, 5]]
@@ -143,8 +149,9 @@ def test_resume_folder_with_foreign_and_corrupt_files(tmp_path):
         assert torch.equal(x, y)
     assert (rdir / "notes.txt").read_text() == "not ours"
     assert (rdir / "batch000002.safetensors").read_bytes() == good  # recomputed, identically
-    store = runs.ResumeStore(rdir, runs.Attributor(a, b, **kw), ds, rank=0)
-    assert all(store.load(idx) is not None for idx in plan_batches(ds))
+    store = ResumeStore(rdir, again.meta["run_key"], len(again.index), rank=0)
+    units = list(iterate_units(ds, Attributor(a, b, **kw).validate))
+    assert len(units) == 3 and all(store.load(u, unit_digest(u)) is not None for u in units)
 
 
 def test_resume_manifest_is_written_atomically(tmp_path, monkeypatch):
@@ -163,7 +170,7 @@ def test_resume_manifest_is_written_atomically(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         attribute_dataset(a, b, ds, steps=2, resume_dir=rdir)
     monkeypatch.undo()
-    assert (rdir / "run.json").read_text() == before and json.loads(before)["items"] == 1
+    assert (rdir / "run.json").read_text() == before and json.loads(before)["data"] == ds.fingerprint()
     assert sorted(p.name for p in rdir.iterdir()) == ["batch000000.safetensors", "run.json"]
 
 
@@ -185,15 +192,22 @@ def test_grayscale_denoising_dataset_equals_reference():
 def test_bad_dataset_items_are_named():
     a, b = make_pair(dtype=torch.float32)
 
-    class Bad(list):
-        pass
+    class Bad(torch.utils.data.Dataset):
+        def __init__(self, items=()):
+            self.items = list(items)
+
+        def __len__(self):
+            return len(self.items)
+
+        def __getitem__(self, i):
+            return self.items[i]
 
     good = _dataset(sizes=((8, 8),), labels=("blur",))[0]
     with pytest.raises(InvalidInputError, match="item 1: lq contains NaN"):
         attribute_dataset(a, b, Bad([good, (good[0] * float("nan"), good[1], "blur")]), steps=2)
     with pytest.raises(InvalidInputError, match="dataset item 0: expected \\(lq, gt, label"):
         attribute_dataset(a, b, Bad([good[0]]), steps=2)
-    with pytest.raises(InvalidInputError, match="the dataset is empty"):
+    with pytest.raises(InvalidInputError, match="no images"):
         attribute_dataset(a, b, Bad(), steps=2)
 
 
@@ -216,3 +230,141 @@ def test_torchrun_two_gloo_processes_match_single(workdir):
     for s, t in zip(x.image_scores, y.image_scores):
         torch.testing.assert_close(s, t, rtol=1e-12, atol=0)
     assert x.meta["completeness"]["images"] == y.meta["completeness"]["images"]
+
+
+# stale resume: a resumed run never reuses work made from other inputs --------------------------
+
+TINY = REPO / "faig_fast" / "assets" / "pairs" / "msrresnet_tiny"
+
+
+def _tiny_cli(tmp_path: Path, out: str, *extra: str) -> list[str]:
+    return ["attribute", "--baseline", str(TINY / "baseline.safetensors"), "--target", str(TINY / "target.safetensors"),
+            "--data", str(tmp_path / "imgs"), "--steps", "2", "--out", str(tmp_path / out), "--json", *extra]
+
+
+def _write_images(folder: Path, n: int = 2, seed: int = 0) -> None:
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+
+
+def _same_sums(x: Attribution, y: Attribution) -> bool:
+    return x.counts == y.counts and all(torch.equal(x.sums[l], y.sums[l]) for l in x.labels)
+
+
+def test_cli_resume_refuses_other_seed_crop_or_images_and_resumes_an_unchanged_rerun(tmp_path, capsys):
+    from faig_fast.apps.cli import main
+
+    _write_images(tmp_path / "imgs")
+    rdir = str(tmp_path / "r")
+    assert main(_tiny_cli(tmp_path, "s0.safetensors", "--seed", "0", "--resume-dir", rdir)) == 0
+    done = {p.name: p.stat().st_mtime_ns for p in Path(rdir).glob("batch*.safetensors")}
+    assert len(done) == 1  # 2 images × 2 degradations of one size: one planned batch
+    # an unchanged rerun resumes: nothing recomputed, bit-identical
+    assert main(_tiny_cli(tmp_path, "again.safetensors", "--seed", "0", "--resume-dir", rdir)) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in Path(rdir).glob("batch*.safetensors")} == done
+    s0 = Attribution.load(tmp_path / "s0.safetensors")
+    assert _same_sums(s0, Attribution.load(tmp_path / "again.safetensors"))
+    # another seed (noise), crop or image content with the same folder: refused, never the seed-0 sums
+    capsys.readouterr()
+    for extra in (["--seed", "1"], ["--crop", "12"]):
+        assert main(_tiny_cli(tmp_path, "other.safetensors", *extra, "--resume-dir", rdir)) == 2
+        assert "holds a run with other settings, models or images (data:" in capsys.readouterr().err
+    assert main(_tiny_cli(tmp_path, "s1.safetensors", "--seed", "1")) == 0  # fresh: seed 1 really differs
+    assert not torch.equal(Attribution.load(tmp_path / "s1.safetensors").sums["noise"], s0.sums["noise"])
+    _write_images(tmp_path / "imgs", seed=1)  # same names and sizes, other pixels
+    assert main(_tiny_cli(tmp_path, "changed.safetensors", "--resume-dir", rdir)) == 2
+    assert "(data:" in capsys.readouterr().err
+    assert not (tmp_path / "other.safetensors").exists() and not (tmp_path / "changed.safetensors").exists()
+
+
+def test_resume_recomputes_batches_made_from_other_inputs():
+    """A loader has no fingerprint: each batch file's input digest decides.  The seed-1 items with the
+    seed-0 folder are recomputed (equal to a fresh seed-1 run), unchanged batches are reused."""
+    import tempfile
+
+    a, b = make_pair(dtype=torch.float32)
+
+    def items(seed):
+        ds = _dataset(seed=seed)
+        return [ds[i] + (ds.item_name(i),) for i in range(len(ds))]
+
+    with tempfile.TemporaryDirectory() as rdir:
+        s0 = faig_fast.attribute(a, b, items(0), steps=2, resume_dir=rdir)
+        before = {p.name: p.stat().st_mtime_ns for p in Path(rdir).glob("batch*.safetensors")}
+        assert len(before) == 6 and json.loads((Path(rdir) / "run.json").read_text())["data"] is None
+        s1 = faig_fast.attribute(a, b, items(1), steps=2, resume_dir=rdir)
+        after = {p.name: p.stat().st_mtime_ns for p in Path(rdir).glob("batch*.safetensors")}
+    fresh = faig_fast.attribute(a, b, items(1), steps=2)
+    assert _same_sums(s1, fresh) and not torch.equal(s1.sums["noise"], s0.sums["noise"])
+    # blur items carry no noise: the same inputs under both seeds, so their batches are reused
+    changed = {n for n in before if before[n] != after[n]}
+    assert changed == {f"batch{i:06d}.safetensors" for i in (1, 3, 5)}
+
+
+def test_resume_checks_inputs_even_when_a_dataset_fingerprint_lies(tmp_path):
+    class Lying(torch.utils.data.Dataset):
+        def __init__(self, seed):
+            self.ds = _dataset(seed=seed)
+
+        def __len__(self):
+            return len(self.ds)
+
+        def __getitem__(self, i):
+            return self.ds[i]
+
+        def fingerprint(self):
+            return "always the same"
+
+    a, b = make_pair(dtype=torch.float32)
+    faig_fast.attribute(a, b, Lying(0), steps=2, resume_dir=tmp_path / "r")
+    got = faig_fast.attribute(a, b, Lying(1), steps=2, resume_dir=tmp_path / "r")
+    assert _same_sums(got, faig_fast.attribute(a, b, Lying(1), steps=2))
+
+
+def test_torchrun_ranks_with_different_runs_are_refused(monkeypatch):
+    """Every rank gathers every rank's run key before the reduction: a rank with other settings (here
+    another rule) makes all of them refuse; ranks without images (more ranks than batches) do not count."""
+    from faig_fast.core import run_loop
+
+    key = {"rule": "riemann_left/4", "scale": 2}
+    ranks = [(key, True), ({"rule": "riemann_left/4", "scale": None}, False), ({**key, "rule": "riemann_left/5"}, True)]
+    monkeypatch.setattr(run_loop.dist, "get_world_size", lambda: len(ranks))
+    monkeypatch.setattr(run_loop.dist, "all_gather_object", lambda out, mine: out.__setitem__(slice(None), ranks))
+    with pytest.raises(faig_fast.FAIGError, match=r"torchrun ranks 0 and 2 attribute different runs \(rule: "
+                                                  r"'riemann_left/4' vs 'riemann_left/5'\)"):
+        run_loop._shared_key(key, True)
+    ranks[2] = (key, True)
+    assert run_loop._shared_key(key, True) == key
+
+
+def test_the_whole_run_is_under_one_math_mode(monkeypatch):
+    """Passes, endpoint losses of the completeness check, reductions and the report all run inside the
+    run's one math-mode setting (TF32 off for fp32 on CUDA), entered once for the run."""
+    import contextlib
+
+    from conftest import make_loader
+    from faig_fast.core.engine import ModuleRunner, PathEngine
+    from faig_fast.core.scoring import FilterScorer
+
+    depth, entered, seen = [0], [], []
+
+    @contextlib.contextmanager
+    def math_mode(self):
+        entered.append(depth[0])
+        depth[0] += 1
+        try:
+            yield
+        finally:
+            depth[0] -= 1
+
+    monkeypatch.setattr(ModuleRunner, "math_mode", math_mode)
+    for cls, name in ((PathEngine, "integrate"), (PathEngine, "loss_at"), (FilterScorer, "__call__"),
+                      (Attributor, "validate"), (Attributor, "finish")):
+        real = getattr(cls, name)
+        monkeypatch.setattr(cls, name, lambda *a, _r=real, _n=name, **k: seen.append((_n, depth[0])) or _r(*a, **k))
+    a, b = make_pair()
+    faig_fast.attribute(a, b, make_loader(("blur", "noise")), steps=4, precision="fp64")
+    assert {n for n, _ in seen} == {"integrate", "loss_at", "__call__", "validate", "finish"}
+    assert all(d >= 1 for _, d in seen) and entered[0] == 0 and entered.count(0) == 1

@@ -1,6 +1,7 @@
 """Training, evaluation and filter re-training on tiny models and tiny synthetic images."""
 from __future__ import annotations
 
+import ast
 import json
 import math
 from pathlib import Path
@@ -17,7 +18,8 @@ from faig_fast.errors import InvalidInputError
 from faig_fast.analyses.evaluate import MAX_PSNR, evaluate, psnr, psnr_table
 from faig_fast.core.filters import FilterIndex
 from faig_fast.models import create_model, load_model, read_metadata, save_model
-from faig_fast.apps.train import PRESETS, TrainConfig, build_model, load_training_images, sample_batch, train, train_pair
+from faig_fast.apps.train import PRESETS, train_pair
+from faig_fast.training import TrainConfig, build_model, load_training_images, sample_batch, train
 
 TINY = {"num_feat": 8, "num_block": 1}
 
@@ -223,6 +225,59 @@ def test_train_pair_writes_both_models(images, tmp_path, monkeypatch):
     assert (mt["blur_prob"], mt["noise_prob"]) == (0.5, 0.5) and mt["init"] == str(base)
     assert mb["lr"] == PRESETS["unit"]["baseline_lr"] and mt["lr"] == PRESETS["unit"]["finetune_lr"]
     assert (PRESETS["paper"]["baseline_lr"], PRESETS["paper"]["finetune_lr"]) == (2e-4, 5e-5)
+
+
+# ----------------------------------------------------------------------------------------- layers
+#: The package's layers, lowest first: a module may import its own subpackage and lower layers only
+#: (apps -> analyses -> core -> training -> models / ops -> data -> utils -> errors).
+LAYERS = {"errors": 0, "utils": 1, "data": 2, "models": 3, "ops": 3, "training": 4, "core": 5, "analyses": 6,
+          "apps": 7}
+PACKAGE = Path(__file__).resolve().parents[1] / "faig_fast"
+
+
+def _imported_layers(path: Path) -> set[tuple[str, int]]:
+    """(layer, line) of every faig_fast import in ``path``, lazy ones inside functions included."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against the module's package
+                base = ["faig_fast", *parts[:len(parts) - node.level]]
+                names = [".".join(base + ([node.module] if node.module else []))]
+            else:
+                names = [node.module or ""]
+        for name in names:
+            bits = name.split(".")
+            if bits[0] == "faig_fast" and len(bits) > 1 and bits[1] in LAYERS:
+                found.add((bits[1], node.lineno))
+    return found
+
+
+def test_package_layers_import_only_downward():
+    """No module imports a layer above its own (retrain used to import faig_fast.apps.train)."""
+    upward = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        layer = path.relative_to(PACKAGE).parts[0]
+        if layer not in LAYERS:
+            continue
+        for dep, line in sorted(_imported_layers(path)):
+            if dep != layer and LAYERS[dep] >= LAYERS[layer]:
+                upward.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports faig_fast.{dep}")
+    assert not upward, "imports against the layer order:\n" + "\n".join(upward)
+    assert "training" in {dep for dep, _ in _imported_layers(PACKAGE / "analyses" / "retrain.py")}
+
+
+def test_layer_check_sees_an_upward_import(tmp_path, monkeypatch):
+    """The checker itself trips on an upward import, a lazy one included (so the test above can fail)."""
+    pkg = tmp_path / "faig_fast"
+    (pkg / "training").mkdir(parents=True)
+    bad = pkg / "training" / "bad.py"
+    bad.write_text("def f():\n    from faig_fast.apps.train import PRESETS\n    from ..core import api\n")
+    monkeypatch.setitem(globals(), "PACKAGE", pkg)
+    assert _imported_layers(bad) == {("apps", 2), ("core", 3)}
 
 
 # ------------------------------------------------------------------------------------- evaluate

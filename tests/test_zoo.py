@@ -3,7 +3,7 @@ strategy equals the reference loop at float64 (per parameter and per filter), an
 models and images are bit-identical afterwards."""
 from __future__ import annotations
 
-import copy
+import re
 
 import pytest
 import torch
@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from faig_fast.core.engine import PathEngine, linear_path_supported
+from faig_fast.core.engine import PathEngine, linear_path_blocker
 from faig_fast.core.filters import FilterIndex
 from faig_fast.core.reference import filter_scores, reference_image_faig
+from faig_fast.errors import FAIGError
 
 STEPS = 3
 
@@ -234,7 +235,81 @@ class WritesOwnParams(nn.Module):
         return x + self.tail(F.relu(self.head(x)) * self.scale)
 
 
-ZOO = {  # name: (class, lq channels, gt channels, scale)
+class ReadsData(nn.Module):
+    """A gain normalised by statistics read through ``.data`` (constants to autograd); ``torch.func``'s
+    vmap refuses ``.data``, so vmap falls back to the loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv2d(3, 4, 3, padding=1)
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, 4).view(1, 4, 1, 1))
+        self.tail = nn.Conv2d(4, 3, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.tail(F.relu(self.head(x)) * (self.gain / self.gain.data.abs().mean()))
+
+
+class _SoftSign(torch.autograd.Function):
+    """A custom autograd.Function in the old style: no setup_context, no vmap rule."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x / (1 + x.abs())
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g / (1 + x.abs()) ** 2
+
+
+class SoftSign(nn.Module):
+    def forward(self, x):
+        return _SoftSign.apply(x)
+
+
+class CustomFunction(nn.Module):
+    """An activation written as a custom autograd.Function without a vmap rule (torch.func refuses it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = SoftSign()
+        self.tail = nn.Conv2d(4, 3, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.tail(self.act(self.head(x)))
+
+
+def forward_closure() -> nn.Module:
+    """``m.forward = wrap(m.forward)``: forward overridden on the instance by a closure over the bound
+    method (the copy must call its own network, not the caller's)."""
+    m = Grouped()
+
+    def wrap(fn):
+        def forward(x):
+            return 0.5 * fn(x) + 0.25 * x
+        return forward
+    m.forward = wrap(m.forward)
+    return m
+
+
+class Volumetric(nn.Module):
+    """Parameters that are not 4-D: a Conv3d over a singleton depth axis and a modulated conv whose
+    weight is a 5-D (1, out, in, k, k) parameter scaled by a style."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv3d(3, 4, (1, 3, 3), padding=(0, 1, 1))
+        self.weight = nn.Parameter(0.2 * torch.randn(1, 3, 4, 3, 3))
+        self.style = nn.Parameter(torch.ones(1, 1, 4, 1, 1))
+
+    def forward(self, x):
+        h = F.leaky_relu(self.head(x.unsqueeze(2)).squeeze(2), 0.1)
+        return x + F.conv2d(h, (self.weight * self.style)[0], padding=1)
+
+
+ZOO = {  # name: (class or factory, lq channels, gt channels, scale)
     "window_attention": (WindowAttention, 3, 3, 1),
     "batchnorm": (BatchNormNet, 3, 3, 1),
     "inplace_input": (InPlaceInput, 3, 3, 1),
@@ -250,6 +325,10 @@ ZOO = {  # name: (class, lq channels, gt channels, scale)
     "noise_map_input": (NoiseMapInput, 4, 3, 1),
     "frozen": (Frozen, 3, 3, 1),
     "writes_own_params": (WritesOwnParams, 3, 3, 1),
+    "reads_data": (ReadsData, 3, 3, 1),
+    "custom_function": (CustomFunction, 3, 3, 1),
+    "forward_closure": (forward_closure, 3, 3, 1),
+    "volumetric": (Volumetric, 3, 3, 1),
 }
 
 
@@ -258,7 +337,8 @@ def zoo_pair(name: str, noise: float = 0.05):
     cls = ZOO[name][0]
     torch.manual_seed(0)
     a = cls().double().eval()
-    b = copy.deepcopy(a)
+    torch.manual_seed(0)  # built again, not deep-copied: an instance-level closure must stay b's own
+    b = cls().double().eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for t in [*b.parameters(), *b.buffers()]:
@@ -302,9 +382,14 @@ def assert_identical(before, after):
             assert x == y
 
 
+def assert_hook_free(*models):
+    for m in (x for model in models for x in model.modules()):
+        assert not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks), type(m).__name__
+
+
 def strategies(name: str) -> list[str]:
     a, _ = zoo_pair(name)
-    return ["loop", "vmap", "persample"] + (["linear"] if linear_path_supported(a.eval()) else [])
+    return ["loop", "vmap", "persample"] + (["linear"] if linear_path_blocker(a.eval()) is None else [])
 
 
 CASES = [(name, s) for name in ZOO for s in strategies(name)]
@@ -327,10 +412,11 @@ def references():
 def test_linear_eligibility_of_the_zoo():
     eligible = {name for name in ZOO if "linear" in strategies(name)}
     assert eligible == {"grouped_depthwise", "pixel_shuffle", "tied", "reparam", "gray_denoiser", "inplace_input",
-                        "noise_map_input"}
+                        "noise_map_input", "custom_function", "forward_closure"}
 
 
-@pytest.mark.filterwarnings("ignore:.*zero gradient", "ignore:There is a performance drop")
+@pytest.mark.filterwarnings("ignore:.*zero gradient", "ignore:There is a performance drop",
+                            "ignore:.*using strategy 'loop' instead")
 @pytest.mark.parametrize("name, strategy", CASES)
 def test_zoo_strategy_equals_reference(name, strategy, references):
     a, b = zoo_pair(name)
@@ -339,9 +425,11 @@ def test_zoo_strategy_equals_reference(name, strategy, references):
     engine = PathEngine(a, b, strategy=strategy, precision="fp64", chunk_size=2)
     images = engine.integrate(lq, gt, "riemann_left", STEPS)
     assert_identical(before, snapshot(a, b, lq, gt))
+    assert_hook_free(a, b)
     filters = "conv+linear" if name == "window_attention" else "conv"
     index = FilterIndex.from_model(b, filters=filters)
     for img, ref in zip(images, references(name)):
+        assert sum(float(r.abs().sum()) for r in ref.values()) > 0  # the reference ran the interpolated net
         faig = {n: engine.delta[n] * g for n, g in img.grads.items()}
         assert list(faig) == list(ref) == [n for n, _ in b.named_parameters()]
         for n in ref:
@@ -381,3 +469,81 @@ def test_reparam_unused_parameters_get_zero_and_one_warning():
         grads = engine.integrate(lq, gt, steps=2)[0].grads
         assert all(not grads[n].any() for n in engine.unused)
         assert grads["fused.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("name, where, strategy", [
+    ("reads_data", "ReadsData (top level)", "vmap"),  # persample runs it: its parameters are not vmapped
+    ("custom_function", "module 'act' (SoftSign)", "vmap"),
+    ("custom_function", "module 'act' (SoftSign)", "persample")])
+def test_torch_func_limits_fall_back_to_loop_with_one_warning(name, where, strategy, references):
+    a, b = zoo_pair(name)
+    lq, gt = zoo_images(name)
+    engine = PathEngine(a, b, strategy=strategy, precision="fp64")
+    with pytest.warns(UserWarning, match=f"strategy '{strategy}'.*{re.escape(where)}.*using strategy 'loop'") as rec:
+        first = engine.integrate(lq, gt, steps=STEPS)
+        second = engine.integrate(lq, gt, steps=STEPS)
+    assert len([w for w in rec if "instead" in str(w.message)]) == 1
+    assert engine.strategy == "loop" and where in engine.fallback
+    for got in (first, second):
+        for img, ref in zip(got, references(name)):
+            for n in ref:
+                torch.testing.assert_close(engine.delta[n] * img.grads[n], ref[n], rtol=1e-9, atol=1e-13)
+
+
+def test_forward_closure_runs_the_private_copy():
+    """The caller's closure keeps pointing at the caller; the engine's copy runs its own interpolated net."""
+    a, b = zoo_pair("forward_closure")
+    lq, gt = zoo_images("forward_closure")
+    forward = b.forward
+    engine = PathEngine(a, b, strategy="loop", precision="fp64")
+    assert engine.net.forward is not forward and b.forward is forward
+    with torch.no_grad():
+        torch.testing.assert_close(engine.forward(0.0, lq), b(lq), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(engine.forward(1.0, lq), a(lq), rtol=1e-12, atol=1e-14)
+    assert any(bool(g.abs().sum() > 0) for g in engine.integrate(lq, gt, steps=2)[0].grads.values())
+
+
+class HiddenReference(BatchNormNet):
+    """Built by :func:`hidden_reference`: forward reaches the tail through a dict the copy cannot rebind."""
+
+
+def hidden_reference() -> nn.Module:
+    m = HiddenReference()
+    parts = {"bn": m.bn}
+
+    def forward(x):
+        return x + m.tail(F.relu(parts["bn"](m.head(x))))
+    m.forward = forward
+    return m
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap", "persample"])
+def test_a_copy_that_still_calls_the_callers_model_is_refused(strategy):
+    """Safety net: the first pass stops before the caller's module runs (its train-mode BatchNorm would
+    update the caller's running statistics); the caller's model is bit-identical and hook-free."""
+    torch.manual_seed(0)
+    a = hidden_reference().double()
+    torch.manual_seed(0)
+    b = hidden_reference().double().train()
+    with torch.no_grad():
+        b.head.weight.add_(0.05)
+    lq, gt = zoo_images("batchnorm")
+    before = snapshot(a, b, lq, gt)
+    engine = PathEngine(a, b, strategy=strategy, precision="fp64", mode="as-is")
+    with pytest.raises(FAIGError, match=r"reaches the caller's model \(module 'bn' \(BatchNorm2d\)\)"):
+        engine.integrate(lq, gt, steps=2)
+    with pytest.raises(FAIGError, match="module 'bn'"):
+        engine.loss_at(0.0, lq[:1], gt[:1])
+    assert_identical(before, snapshot(a, b, lq, gt))
+    assert_hook_free(a, b)
+    quiet = PathEngine(*zoo_pair("batchnorm"), strategy=strategy, precision="fp64", mode="as-is")
+    quiet.loss_at(0.0, lq[:1], gt[:1])  # a plain copy passes the same check
+    assert quiet.runner.private_checked
+
+
+def test_loop_keeps_non_4d_parameters_in_their_layout():
+    a, b = zoo_pair("volumetric")
+    lq, gt = zoo_images("volumetric")
+    engine = PathEngine(a, b, strategy="loop", precision="fp64", device="cpu")
+    engine.integrate(lq, gt, steps=2)
+    assert all(p.is_contiguous() for p in engine.net.parameters())

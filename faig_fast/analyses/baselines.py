@@ -20,14 +20,15 @@ Every function returns scores or rankings over the same flat filter index as
 """
 from __future__ import annotations
 
+import contextlib
 import zlib
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 
 from faig_fast.core.attribution import Attribution
-from faig_fast.core.batches import model_scale
+from faig_fast.core.batches import infer_scale, model_scale
 from faig_fast.core.filters import FilterIndex
 from faig_fast.core.pair import check_pair
 from faig_fast.core.quadrature import nodes_and_weights
@@ -71,31 +72,63 @@ def ig_image_scores(model_target: nn.Module, clean_lq: torch.Tensor, lq: torch.T
     return filter_scores(total, index)
 
 
+@contextlib.contextmanager
+def _eval_with_grads(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode with every parameter requiring grad, for the duration of the block; each
+    submodule's mode and each parameter's ``requires_grad`` are restored afterwards, as the caller had them."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(True)
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _scale_of(net: nn.Module, lq: torch.Tensor, gt: torch.Tensor) -> int:
+    """The model's declared scale, else the one its output on ``lq`` (CHW) shows, as the API infers it;
+    the output must have ``gt``'s size."""
+    declared = model_scale(net)
+    if declared is not None:
+        return declared
+    p0 = next(net.parameters())
+    with torch.no_grad():
+        out = net(lq.unsqueeze(0).to(p0))
+    scale = infer_scale(tuple(lq.shape[-2:]), tuple(out.shape[-2:]), "IG, first image")
+    if tuple(out.shape[-2:]) != tuple(gt.shape[-2:]):
+        raise InvalidInputError(
+            f"IG, first image: the model maps lq of size {tuple(lq.shape[-2:])} to an output of size "
+            f"{tuple(out.shape[-2:])}, but gt has size {tuple(gt.shape[-2:])}")
+    return scale
+
+
 def ig_attribution(model_target: nn.Module, loader: Iterable, steps: int = 100, *, method: str = "riemann_left",
                    keep_per_image: bool = False, progress: bool = False) -> Attribution:
-    """IntInf-style IG scores of every image in ``loader``, as an :class:`Attribution` (Eq. 7 ready)."""
+    """IntInf-style IG scores of every image in ``loader``, as an :class:`Attribution` (Eq. 7 ready).
+
+    The passes run in eval mode; the caller's model keeps its modes and ``requires_grad`` flags.  The
+    clean LR x̄ uses the model's declared scale, else the one inferred from its first forward pass."""
     nodes_and_weights(method, steps)
     index = FilterIndex.from_model(model_target)
-    scale = model_scale(model_target) or 2
-    clean = make_degradation("clean", scale=scale)
-    net = model_target.eval()
     result = Attribution(index, {"method": "ig_intinf", "steps": steps, "rule": f"{method}/{steps}"}, keep_per_image)
-    flags = [p.requires_grad for p in net.parameters()]
-    for p in net.parameters():
-        p.requires_grad_(True)
-
-    def score(lq: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-        x_clean = clean(gt.float()).to(lq.dtype)
-        return ig_image_scores(net, x_clean, lq, steps=steps, method=method)
+    clean: list = []  # the clean degradation, built on the first image (when the scale is known)
 
     def report(count: int, name: str, label: str) -> None:
         print(f"IG {count}: {name} ({label})", flush=True)
 
-    try:
+    with _eval_with_grads(model_target) as net:
+        def score(lq: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+            if not clean:
+                clean.append(make_degradation("clean", scale=_scale_of(net, lq, gt)))
+            x_clean = clean[0](gt.float()).to(lq.dtype)
+            return ig_image_scores(net, x_clean, lq, steps=steps, method=method)
+
         score_images(result, loader, model_scale(model_target), score, report if progress else None)
-    finally:
-        for p, f in zip(net.parameters(), flags):
-            p.requires_grad_(f)
     return result
 
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from faig_fast.errors import InvalidInputError
 from faig_fast.core.filters import FilterIndex
 from faig_fast.models import load_model, read_metadata
-from faig_fast.apps.train import TrainConfig, train
+from faig_fast.training import TrainConfig, train
 
 __all__ = ["filter_mask", "retrain_filters", "RETRAIN_DEGRADATIONS"]
 
@@ -50,7 +50,7 @@ def retrain_filters(baseline_path: PathLike, filter_indices: Tensor | Sequence[i
                     patch_size: int = 64, progress: bool = True) -> Path:
     """Re-train the baseline at ``baseline_path`` on ``degradation`` ("blur" or "noise", applied to
     every sample) updating only the filters ``filter_indices`` (None: all parameters, the upper
-    bound); returns ``out_dir/model.safetensors``. Resumable (see ``faig_fast.apps.train.train``)."""
+    bound); returns ``out_dir/model.safetensors``. Resumable (see :func:`faig_fast.training.train`)."""
     if degradation not in RETRAIN_DEGRADATIONS:
         raise InvalidInputError(
             f"unknown degradation {degradation!r}; valid: {sorted(RETRAIN_DEGRADATIONS)}")

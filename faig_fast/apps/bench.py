@@ -28,7 +28,7 @@ from faig_fast.utils.io import atomic_write_json
 from faig_fast.utils.paths import data_root, results_dir, shipped_pair_dir
 
 #: engine strategies, ``loop-gl`` (the loop with Gauss–Legendre nodes), ``dataset`` (the path ``faig attribute``
-#: takes: :func:`faig_fast.apps.runs.attribute_dataset` with the default strategy) and the reductions alone
+#: takes: :func:`faig_fast.attribute`'s one run loop with the default strategy) and the reductions alone
 CASES = ("naive", "loop", "vmap", "linear", "persample", "loop-gl", "dataset", "reduce-torch", "reduce-cpp",
          "reduce-triton", "reduce-cuda")
 
@@ -127,10 +127,8 @@ def _worker(cfg: dict) -> dict:
     if case == "loop-gl":
         method, steps = "gausslegendre", cfg["gl_nodes"]
     if case == "dataset":
-        from faig_fast.apps.runs import attribute_dataset
-
-        run = lambda: attribute_dataset(a, b, items, steps=steps, method=method, device=device,  # noqa: E731
-                                        precision=precision)
+        run = lambda: attribute(a, b, items, steps=steps, method=method, device=device,  # noqa: E731
+                                precision=precision)
     elif case == "naive":
         run = lambda: reference_attribute(a.to(device), b.to(device),  # noqa: E731
                                           [(x.to(device), y.to(device), l) for x, y, l in items], steps, method)

@@ -1,4 +1,4 @@
-"""The ``faig`` command line: attribute, train, reproduce, bench, demo, info."""
+"""The ``faig`` command line: attribute, train, reproduce, bench, study, demo, lam, info."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from faig_fast.apps.lam_cli import add_lam_parser, cmd_lam
 from faig_fast.errors import FAIGError
 from faig_fast.core.quadrature import FAST_GL_NODES
 
@@ -21,6 +22,31 @@ def _arch_choices() -> list[str]:
     from faig_fast.models import list_models
 
     return list_models()
+
+
+def _bytes(text: str) -> int:
+    """A byte count such as ``2000000``, ``512M`` or ``2G`` (powers of 1024)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B")
+    mult = units.get(t[-1:], 1)
+    num = t[:-1] if t[-1:] in units else t
+    try:
+        value = int(float(num) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r} (e.g. 2000000, 512M, 2G)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"byte count must be positive, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def _add_attribute(sub: argparse._SubParsersAction) -> None:
@@ -45,6 +71,14 @@ def _add_attribute(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strategy", default="auto")
     p.add_argument("--precision", default="fp32")
     p.add_argument("--device", default=None)
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "triton", "cuda"],
+                   help="per-filter reduction backend")
+    p.add_argument("--internal-batch-size", type=_positive_int, default=None, metavar="N",
+                   help="most steps (images, for vmap) in one batched pass (default: planned from free memory)")
+    p.add_argument("--memory-budget", type=_bytes, default=None, metavar="BYTES",
+                   help="memory the batched passes may plan for, e.g. 4G (default: the device's free memory)")
+    p.add_argument("--check-completeness", action=argparse.BooleanOptionalAction, default=True,
+                   help="check Eq. 4 (Σ FAIG = L(θ̄) − L(θ)) on a sample of images and warn when it fails")
     p.add_argument("--filters", default="conv", choices=["conv", "conv+linear"],
                    help="what a filter is: K×K conv slices, or also each Linear weight element")
     p.add_argument("--mode", default="eval", choices=["eval", "train", "as-is"],
@@ -53,11 +87,17 @@ def _add_attribute(sub: argparse._SubParsersAction) -> None:
                    help="granularity of the listed top units")
     p.add_argument("--crop", type=int, default=None, help="center-crop GT images to this size")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--top", type=float, default=0.01, help="fraction of units to list per degradation")
+    p.add_argument("--top", type=float, default=0.01,
+                   help="fraction of units in the index files and the --json output per degradation")
+    p.add_argument("--show", type=int, default=10, metavar="N", help="rows of the printed table per degradation")
+    p.add_argument("--json", action="store_true",
+                   help="print a machine-readable JSON summary (every top unit with its score) instead of tables")
     p.add_argument("--out", default="runs/attribution.safetensors")
     p.add_argument("--index-dir", default=None, help="also write authors-style top-filter index .txt files here")
     p.add_argument("--keep-per-image", action="store_true")
-    p.add_argument("--resume-dir", default=None, help="persist each finished batch here (atomically) and resume from them")
+    p.add_argument("--resume-dir", default=None,
+                   help="persist each finished batch here (atomically) and resume from them; a folder of a run "
+                        "with other settings, models or images is refused")
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:
@@ -92,61 +132,87 @@ def _load_pair(args: argparse.Namespace) -> tuple:
                  for path in (args.baseline, args.target))
 
 
-def _pair_scale(model, args: argparse.Namespace) -> int:
-    """--scale, else the model's declared scale, else the output/input size ratio of one forward pass
-    (on a copy, so the caller's model is untouched)."""
-    import copy
-
-    import torch
-    from faig_fast.core.batches import infer_scale, model_scale
-    from faig_fast.errors import InvalidInputError
-
-    if args.scale is not None:
-        return args.scale
-    scale = model_scale(model)
-    if scale is None:
-        probe = copy.deepcopy(model).eval()
-        dtype = next(iter(probe.parameters()), torch.zeros(())).dtype
-        x = torch.full((1, 1 if args.gray else 3, 24, 24), 0.5, dtype=dtype)
-        try:
-            with torch.no_grad():
-                out = probe(x)
-        except Exception as e:  # noqa: BLE001 - any failure of the probe means: ask for --scale
-            raise InvalidInputError(f"--target {args.target}: the model declares no scale and a probe forward "
-                                    f"pass on a {tuple(x.shape)} input failed ({type(e).__name__}: {e}); "
-                                    "give --scale") from e
-        scale = infer_scale((24, 24), tuple(out.shape[-2:]), f"--target {args.target}")
-    return scale
-
-
 def _attribute(args: argparse.Namespace, rank: int, world: int) -> int:
-    from faig_fast.core.attribution import write_index_file
+    from faig_fast.core.api import attribute
+    from faig_fast.core.batches import resolve_scale
     from faig_fast.data import DegradedImageDataset
-    from faig_fast.apps.runs import attribute_dataset
 
     model_a, model_b = _load_pair(args)
-    dataset = DegradedImageDataset(args.data, tuple(args.degradations), scale=_pair_scale(model_b, args),
-                                   seed=args.seed, crop=args.crop, channels=1 if args.gray else 3)
+    channels = 1 if args.gray else 3
+    scale = args.scale if args.scale is not None else resolve_scale(model_b, channels, f"--target {args.target}")
+    dataset = DegradedImageDataset(args.data, tuple(args.degradations), scale=scale, seed=args.seed,
+                                   crop=args.crop, channels=channels)
     t0 = time.perf_counter()
-    result = attribute_dataset(model_a, model_b, dataset, steps=args.steps, method=args.method,
-                               strategy=args.strategy, precision=args.precision, device=args.device,
-                               filters=args.filters, mode=args.mode, keep_per_image=args.keep_per_image,
-                               resume_dir=args.resume_dir, progress=True)
+    result = attribute(model_a, model_b, dataset, steps=args.steps, method=args.method, strategy=args.strategy,
+                       precision=args.precision, device=args.device, backend=args.backend,
+                       internal_batch_size=args.internal_batch_size, memory_budget=args.memory_budget,
+                       check_completeness=args.check_completeness, filters=args.filters, mode=args.mode,
+                       keep_per_image=args.keep_per_image, resume_dir=args.resume_dir, progress=True,
+                       distributed=True)
     elapsed = time.perf_counter() - t0
     if rank != 0:
         return 0
     path = result.save(args.out)
+    if args.index_dir:
+        _write_index_files(result, args)
     summary = {"out": str(path), "seconds": round(elapsed, 2), "images": sum(result.counts.values()),
-               "processes": world, "by": args.by}
-    for label in result.labels:
-        top = result.top(label, args.top, by=args.by)
-        summary[f"top_{label}"] = top[:10].tolist()
-        if args.index_dir:
-            Path(args.index_dir).mkdir(parents=True, exist_ok=True)
-            by = "" if args.by == "filter" else f"_{args.by}"
-            write_index_file(top, Path(args.index_dir) / f"{label}{by}_top{args.top:g}.txt")
-    print(json.dumps(summary, indent=2))
+               "counts": result.counts, "processes": world, "by": args.by, "top_fraction": args.top,
+               "completeness": result.meta.get("completeness")}
+    if args.json:
+        summary["top"] = {label: _top_units(result, label, args.by, args.top) for label in result.labels}
+        print(json.dumps(summary, indent=2))
+    else:
+        print(_summary_text(result, summary, args.show))
     return 0
+
+
+def _write_index_files(result, args: argparse.Namespace) -> None:
+    from faig_fast.core.attribution import write_index_file
+
+    Path(args.index_dir).mkdir(parents=True, exist_ok=True)
+    by = "" if args.by == "filter" else f"_{args.by}"
+    for label in result.labels:
+        write_index_file(result.top(label, args.top, by=args.by), Path(args.index_dir) / f"{label}{by}_top{args.top:g}.txt")
+
+
+def _top_units(result, label: str, by: str, fraction: float | None = None, count: int | None = None) -> list[dict]:
+    """The top units of ``label`` (Eq. 7) as dicts: rank, the unit's fields (layer, channels, flat index), score."""
+    scores = result.scores(label, by=by)
+    top = result.top(label, fraction, by=by) if fraction is not None else result.ranking(label, by=by)[:count]
+    units = result.units(by)
+    return [{"rank": r + 1, **units[i]._asdict(), "score": float(scores[i])} for r, i in enumerate(top.tolist())]
+
+
+_COLUMNS = {"filter": ("layer", "out_channel", "in_channel"), "channel": ("layer", "channel"), "layer": ("layer", "kind")}
+_HEADERS = {"out_channel": "out", "in_channel": "in", "channel": "channel", "kind": "kind", "layer": "layer"}
+
+
+def _table(rows: list[dict], by: str) -> str:
+    """A plain-text table: rank, the unit's columns, score."""
+    cols = ("rank", *_COLUMNS[by], "score")
+    cells = [[_HEADERS.get(c, c) for c in cols]]
+    cells += [[f"{r['score']:.4g}" if c == "score" else str(r[c]) for c in cols] for r in rows]
+    widths = [max(len(row[k]) for row in cells) for k in range(len(cols))]
+    return "\n".join("  ".join(v.ljust(w) if c == "layer" else v.rjust(w) for v, w, c in zip(row, widths, cols))
+                     .rstrip() for row in cells)
+
+
+def _summary_text(result, summary: dict, show: int) -> str:
+    """The human-readable summary: what ran, the completeness check, a top-``show`` table per degradation."""
+    counts = ", ".join(f"{l} {n}" for l, n in sorted(result.counts.items()))
+    n_units = result.index.num_units(summary["by"])
+    lines = [f"FAIG: {summary['images']} images ({counts}) in {summary['seconds']} s on {summary['processes']} "
+             f"process(es); result: {summary['out']}"]
+    check = summary.get("completeness") or {}
+    if check.get("checked"):
+        lines.append(f"completeness (Eq. 4): {check['checked']} images checked, {check.get('flagged', 0)} flagged")
+    elif check.get("skipped"):
+        lines.append(f"completeness (Eq. 4): not checked ({check['skipped']})")
+    for label in result.labels:
+        lines += ["", f"{label}: top {min(show, n_units)} of {n_units} {summary['by']}s by Eq. 7 score"]
+        lines.append(_table(_top_units(result, label, summary["by"], count=show), summary["by"]))
+    lines += ["", "(--json prints every top unit; the result file holds all scores)"]
+    return "\n".join(lines)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -221,11 +287,26 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16", "fp64"],
                    help="precision of the engine cases (the naive loop stays fp32)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>-<time>.json)")
+    lam = p.add_argument_group("LAM cases (--lam): the naive per-step loop vs method='lam' vs the fast rule, and "
+                               "K windows of one image in one call vs K calls, on a --size LR crop and full Set14 images")
+    lam.add_argument("--lam", action="store_true", help="run the LAM cases instead of the FAIG ones")
+    lam.add_argument("--pair", default="msrresnet_small", help="LAM: shipped pair (its target is attributed)")
+    lam.add_argument("--lam-steps", type=int, default=50, help="LAM: steps of the naive loop and method='lam'")
+    lam.add_argument("--windows", type=int, default=16, help="LAM: windows of the K-windows case")
+    lam.add_argument("--full-images", type=int, default=1, help="LAM: full Set14 images")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from faig_fast.apps.bench import run_benchmarks
 
+    if args.lam:
+        from faig_fast.apps.lam_bench import run_lam_benchmarks
+
+        path = run_lam_benchmarks(pair=args.pair, size=args.size, full_images=args.full_images, windows=args.windows,
+                                  steps=args.lam_steps, device=args.device, precision=args.precision,
+                                  repeat=args.repeat, out=args.out)
+        print(f"results: {path}")
+        return 0
     path = run_benchmarks(arch=args.arch, preset=args.preset, size=args.size, images=args.images,
                           steps=args.steps, method=args.method, cases=args.cases, device=args.device,
                           repeat=args.repeat, gl_nodes=args.gl_nodes, precision=args.precision, out=args.out)
@@ -243,7 +324,8 @@ def _study_rule(text: str) -> tuple[str, int]:
 
 def _add_study(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("study", help="accuracy studies: quadrature rules / reduced precision vs a reference")
-    p.add_argument("kind", choices=["quadrature", "precision"])
+    p.add_argument("kind", choices=["quadrature", "precision", "lam"],
+                   help="lam: fewest Gauss–Legendre nodes of faig_fast.lam that match a converged map")
     p.add_argument("--pair", default="msrresnet_small", help="shipped pair name or a folder with baseline/target")
     p.add_argument("--data", default=str(DEFAULT_DATA / "Set14"))
     p.add_argument("--crop", type=int, default=96, help="GT center crop (0 = full images)")
@@ -255,6 +337,9 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
                    help="precision study: rules as method/steps (default riemann_left/100 gausslegendre/8)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/study-<kind>-<pair>.json)")
+    p.add_argument("--lam-size", type=int, default=64, help="lam study: LR crop size (0 = full images)")
+    p.add_argument("--windows", type=int, default=4, help="lam study: windows per image")
+    p.add_argument("--reference-steps", type=int, default=400, help="lam study: steps of the converged map")
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -267,6 +352,13 @@ def cmd_study(args: argparse.Namespace) -> int:
                                         save_json)
 
     folder = resolve_pair_dir(args.pair)
+    if args.kind == "lam":
+        from faig_fast.apps.lam_bench import run_lam_study
+
+        path = run_lam_study(pair=str(folder), size=args.lam_size or None, images=args.images, windows=args.windows,
+                             reference_steps=args.reference_steps, device=args.device, out=args.out)
+        print(f"results: {path}")
+        return 0
     a, b = load_model(folder / "baseline.safetensors"), load_model(folder / "target.safetensors")
     ds = DegradedImageDataset(args.data, ("blur", "noise"), scale=b.upscale, seed=0, crop=args.crop or None)
     names = ds.names[: args.images]
@@ -288,8 +380,11 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="attribute the shipped tiny pair on bundled images and write a report")
-    p.add_argument("--out", default="runs/demo")
+    what = ("attribute the shipped MSRResNet-small pair (faig_fast/assets/pairs/msrresnet_small) on four "
+            "photographs bundled with scikit-image, time it against the naive loop, mask the top filters and "
+            "write a report")
+    p = sub.add_parser("demo", help=what.replace(" (faig_fast/assets/pairs/msrresnet_small)", ""), description=what)
+    p.add_argument("--out", default="runs/demo", help="report folder")
     p.add_argument("--steps", type=int, default=100, help="Riemann steps of the timed runs")
     p.add_argument("--max-side", type=int, default=96, help="longest side of the photographs (px)")
 
@@ -352,12 +447,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_study(sub)
     _add_demo(sub)
+    add_lam_parser(sub)
     _add_info(sub)
     return parser
 
 
 COMMANDS = {"attribute": cmd_attribute, "train": cmd_train, "reproduce": cmd_reproduce, "bench": cmd_bench,
-            "study": cmd_study, "demo": cmd_demo, "info": cmd_info}
+            "study": cmd_study, "demo": cmd_demo, "lam": cmd_lam, "info": cmd_info}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from faig_fast.analyses.figures import layer_counts, plot_layer_distribution
 from faig_fast.analyses.masking import degraded_inputs, masking_curve
 from faig_fast.analyses.names import filter_set_name, input_name
 from faig_fast.core.api import attribute
+from faig_fast.core.completeness import warm_up_calls
 from faig_fast.core.attribution import Attribution, jaccard
 from faig_fast.data import DegradedImageDataset, demo_images
 from faig_fast.errors import FAIGError
@@ -51,7 +52,8 @@ def run_demo(out_dir: Path, *, steps: int = 100, max_side: int = 96, pair_dir: P
 def _timed_runs(baseline, target, items: list, steps: int) -> dict[str, tuple[Attribution, float]]:
     """{"naive" | "engine" | "fast": (result, seconds)}: the naive loop, the engine (same rule) and the
     engine with Gauss–Legendre nodes, each timed after one warm-up pass."""
-    attribute(baseline, target, items, steps=1)  # warms per-shape kernel caches for both timed runs
+    with warm_up_calls():
+        attribute(baseline, target, items, steps=1)  # warms per-shape kernel caches for both timed runs
     runs = {}
     for name, fn in (("naive", lambda: reference_attribute(baseline, target, items, steps=steps)),
                      ("engine", lambda: attribute(baseline, target, items, steps=steps, progress=True)),

@@ -3,12 +3,13 @@
 ``python3 -m faig_fast.apps.gpu_check`` (from the source tree, no venv, no download):
 
 (a) the CUDA tests (``tests/test_cuda.py``: every strategy × precision × reduction backend against the
-    fp64 CPU reference, Triton compiled for real);
+    fp64 CPU reference, the ``persample`` CUDA-graph replay at ≥ 16 nodes, Triton compiled for real);
 (b) the engine against the naive loop at the same rule on MSRResNet 16×64 ×2: 28 Set14 crops of 64×64 LR
     (14 images × blur, noise) and full Set14, Riemann-left N=100 and Gauss–Legendre 8, fp32 / tf32 / bf16:
     seconds, speed-up, achieved TFLOP/s and fraction of the dense peak, DRAM bandwidth against the
     bound (:mod:`faig_fast.apps.roofline`), peak memory, top-1% Jaccard against fp64; seconds per
-    strategy; training throughput of the ``paper`` preset;
+    strategy; training throughput of the ``paper`` preset; LAM (``faig_fast.lam``) against its naive
+    per-step loop on a 64×64 LR crop and a full Set14 image, 16 windows in one call against 16 calls;
 (c) ``benchmarks/results/gpu-<device>-<date>.json`` and ``.md``, and the table on stdout.
 
 The naive loop runs in fp32 (the authors' loop has no precision switch).  On full Set14 at N=100 it
@@ -64,14 +65,19 @@ class CheckConfig:
     budget_s: float = 450.0
     tests: tuple = ("tests/test_cuda.py",)
     tests_timeout_s: float = 180.0
+    lam_pair: str = "msrresnet_small"
+    lam_size: int = 64           # LR crop of the first LAM input; then lam_full_images full Set14 images
+    lam_full_images: int = 1
+    lam_windows: int = 16
 
 
 def dry_run_config() -> CheckConfig:
     """The CPU dry run: same code path, tiny model, 2 images (1 × blur, noise), 2 steps."""
     return CheckConfig(device="cpu", preset="tiny", crop_lq=8, images=1, full=False,
                        rules=(("riemann_left", 2), ("gausslegendre", 2)), precisions=("fp32", "bf16"),
-                       strategy="loop", strategies=("loop",), naive_full_steps=1, train_iters=2, train_images=2, budget_s=60.0,
-                       tests=(), tests_timeout_s=60.0)
+                       strategy="loop", strategies=("loop",), naive_full_steps=1, train_iters=2, train_images=2,
+                       budget_s=60.0, tests=(), tests_timeout_s=60.0, lam_pair="msrresnet_tiny", lam_size=12,
+                       lam_full_images=0, lam_windows=2)
 
 
 class Budget:
@@ -256,7 +262,8 @@ def _warm_up(run: Runner, items: list) -> None:
 
 def training_throughput(cfg: CheckConfig) -> dict:
     """Iterations per second of ``faig train``'s loop with the ``paper`` recipe (batch 16, 64×64 patches)."""
-    from faig_fast.apps.train import PRESETS, TrainConfig, train
+    from faig_fast.apps.train import PRESETS
+    from faig_fast.training import TrainConfig, train
 
     recipe = PRESETS["paper"]
     tc = TrainConfig(arch=cfg.arch, preset=cfg.preset, iters=recipe["baseline_iters"],
@@ -315,6 +322,34 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def lam_check(cfg: CheckConfig) -> dict:
+    """LAM on the device: the naive per-step loop vs ``method="lam"`` at 50 steps vs the fast rule, and
+    ``lam_windows`` windows of one image in one call vs one call each, on an LR crop and full Set14 images."""
+    from faig_fast.apps.lam_bench import bench_inputs, bench_lam, pair_model, spread_windows
+
+    model = pair_model(cfg.lam_pair)
+    scale = getattr(model, "upscale", 1)
+    inputs = [("crop", *bench_inputs(cfg.lam_size, 1, scale)[0])]
+    inputs += [("full", n, x) for n, x in bench_inputs(None, cfg.lam_full_images, scale)] if cfg.lam_full_images else []
+    runs = []
+    for kind, name, lr in inputs:
+        ws = spread_windows((lr.shape[-2] * scale, lr.shape[-1] * scale), cfg.lam_windows, min(16, lr.shape[-1]))
+        runs.append({"input": kind, "image": name, **bench_lam(model, lr, ws, device=cfg.device)})
+    return {"pair": cfg.lam_pair, "runs": runs}
+
+
+def _lam_markdown(lam: dict) -> list[str]:
+    if "runs" not in lam:
+        return ["", f"**LAM**: {lam.get('skipped') or lam.get('error')}"]
+    lines = ["", f"**LAM** ({lam['pair']} target):", "", "| input | case | s | speed-up vs naive | Pearson r vs exact |",
+             "| --- | --- | ---: | ---: | ---: |"]
+    for r in lam["runs"]:
+        for case, c in r["cases"].items():
+            lines.append(f"| {r['input']} {r['image']} {tuple(r['image_shape'][-2:])} | {case} | {c['seconds']:.3f} | "
+                         f"{c.get('speedup_vs_naive', float('nan')):.2f} | {c.get('pearson_r', float('nan')):.5f} |")
+    return lines
+
+
 def markdown(doc: dict) -> str:
     """The results as Markdown: environment, tests, one table of every timed row, training."""
     env, t = doc["environment"], doc["tests"]
@@ -342,6 +377,7 @@ def markdown(doc: dict) -> str:
     tr = doc.get("training", {})
     lines += ["", f"**Training** (`paper` recipe, batch {tr.get('batch_size')}): "
                   f"{tr.get('it_per_s') or tr.get('skipped') or tr.get('error')} it/s"]
+    lines += _lam_markdown(doc.get("lam", {"skipped": "not run"}))
     return "\n".join(lines) + "\n"
 
 
@@ -380,6 +416,7 @@ def run_check(cfg: CheckConfig, out_dir: Path | None = None, tag: str | None = N
         for method, steps in sorted(cfg.rules, key=lambda r: r[1]):  # the cheap rule first
             scale = steps / cfg.naive_full_steps if steps > cfg.naive_full_steps else 1.0
             _rule_jobs(run, full, "full", method, steps, scale)
+    doc["lam"] = _guarded(lambda: lam_check(cfg)) if budget.fits(20) else {"skipped": "over budget"}
     doc["rows"] = run.rows
     doc["seconds"] = cfg.budget_s - budget.left()
     name = f"gpu-{tag or _slug(doc['environment']['device'])}-{time.strftime('%Y%m%d')}"

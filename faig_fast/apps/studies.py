@@ -3,9 +3,9 @@
 ``quadrature_study`` measures, on a trained pair, how well each rule / node count reproduces the
 top-1% filter sets of a converged integral (Gauss–Legendre with many nodes), and finds the fewest
 Gauss–Legendre nodes that agree with it at least as well as the paper's Riemann N = 100 does.
-``precision_study`` measures the speed (seconds per image) and the agreement of fp32 / TF32 / bf16 at
-the paper's rule and at Gauss–Legendre 8, each against the same converged fp32 integral: the
-trade-off the README states.  Neither study touches the global RNG.
+``precision_study`` measures the speed (seconds per source image, all its degradations together) and
+the agreement of fp32 / TF32 / bf16 at the paper's rule and at Gauss–Legendre 8, each against the
+same converged fp32 integral: the trade-off the README states.  Neither study touches the global RNG.
 """
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from typing import Sequence
 from torch import nn
 
 from faig_fast.core.api import attribute
+from faig_fast.core.completeness import warm_up_calls
 from faig_fast.core.attribution import Attribution, jaccard
+from faig_fast.errors import InvalidInputError
 from faig_fast.utils.io import atomic_write_json
 
 RULES = (("riemann_left", 100), ("riemann_right", 100), ("riemann_middle", 100), ("riemann_trapezoid", 100),
@@ -59,23 +61,36 @@ PRECISION_RULES = (("riemann_left", 100), ("gausslegendre", 8))
 def _timed(model_a: nn.Module, model_b: nn.Module, items: Sequence, method: str, steps: int, precision: str,
            **kwargs) -> tuple[Attribution, float]:
     """One attribution and its wall-clock seconds, after a 2-node warm-up on one image at that precision."""
-    attribute(model_a, model_b, items[:1], steps=2, method="gausslegendre", precision=precision, **kwargs)
+    with warm_up_calls():
+        attribute(model_a, model_b, items[:1], steps=2, method="gausslegendre", precision=precision, **kwargs)
     t0 = time.perf_counter()
     r = attribute(model_a, model_b, items, steps=steps, method=method, precision=precision, **kwargs)
     return r, time.perf_counter() - t0
 
 
+def _check_images(images: int | None, entries: int) -> None:
+    """``images`` is None or an integer from 1 to the number of (image, degradation) items."""
+    if images is not None and (isinstance(images, bool) or not isinstance(images, int) or not 1 <= images <= entries):
+        raise InvalidInputError(f"precision_study: images must be an integer from 1 to the {entries} items; "
+                                f"got {images!r}")
+
+
 def precision_study(model_a: nn.Module, model_b: nn.Module, items: Sequence, *,
                     rules: Sequence[tuple[str, int]] = PRECISION_RULES, precisions: Sequence[str] = ("fp32", "bf16"),
-                    reference_nodes: int = 64, fraction: float = 0.01, **kwargs) -> dict:
+                    reference_nodes: int = 64, fraction: float = 0.01, images: int | None = None, **kwargs) -> dict:
     """Speed and top-``fraction`` agreement of each precision × rule against a converged fp32 integral.
 
     The reference is Gauss–Legendre with ``reference_nodes`` nodes in fp32.  Each row has the seconds
-    (total and per image), the speed-up over fp32 at the same rule, and the Jaccard of the top sets
-    against the reference and against fp32 at the same rule.
+    (total, and per source image), the speed-up over fp32 at the same rule, and the Jaccard of the
+    top sets against the reference and against fp32 at the same rule.  ``images`` is the number of
+    source images the (image, degradation) items come from; by default the largest number of items
+    under one label, which is that count when every image appears once per degradation (as in
+    ``DegradedImageDataset``).
     """
     items = list(items)
+    _check_images(images, len(items))
     ref, ref_s = _timed(model_a, model_b, items, "gausslegendre", reference_nodes, "fp32", **kwargs)
+    n_images = images if images is not None else max(ref.counts.values())
     rows = []
     for method, steps in rules:
         fp32, fp32_s = None, None
@@ -85,20 +100,25 @@ def precision_study(model_a: nn.Module, model_b: nn.Module, items: Sequence, *,
             agree = _agreement(r, ref, fraction)
             vs32 = _agreement(r, fp32, fraction)
             rows.append({"rule": f"{method}/{steps}", "method": method, "steps": steps, "precision": p,
-                         "seconds": sec, "seconds_per_image": sec / len(items), "speedup_vs_fp32": fp32_s / sec,
+                         "seconds": sec, "seconds_per_image": sec / n_images, "speedup_vs_fp32": fp32_s / sec,
                          "jaccard_vs_converged": agree, "min_jaccard_vs_converged": min(agree.values()),
                          "jaccard_vs_fp32_same_rule": vs32, "min_jaccard_vs_fp32_same_rule": min(vs32.values())})
     rows = [r for r in rows if r["precision"] in precisions]
     return {"reference": f"gausslegendre/{reference_nodes} fp32", "reference_seconds": ref_s, "fraction": fraction,
-            "images": len(items), "rows": rows}
+            "images": n_images, "entries": len(items), "rows": rows}
 
 
 def precision_markdown(study: dict) -> str:
-    """The README table for a precision study."""
+    """The README table for a precision study.
+
+    Seconds per image are recomputed as ``seconds / study["images"]`` (the source images, each under
+    every degradation), so files written before ``seconds_per_image`` meant that render right too.
+    """
     lines = ["| rule | precision | s / image | speed-up vs fp32 | min top-1% Jaccard vs converged | "
              "vs fp32 same rule |", "| --- | --- | --- | --- | --- | --- |"]
     for r in study["rows"]:
-        lines.append(f"| {r['rule']} | {r['precision']} | {r['seconds_per_image']:.3f} | {r['speedup_vs_fp32']:.2f}x | "
+        per_image = r["seconds"] / study["images"]
+        lines.append(f"| {r['rule']} | {r['precision']} | {per_image:.3f} | {r['speedup_vs_fp32']:.2f}x | "
                      f"{r['min_jaccard_vs_converged']:.3f} | {r['min_jaccard_vs_fp32_same_rule']:.3f} |")
     return "\n".join(lines)
 

@@ -18,6 +18,29 @@ FORMAT = "faig_fast.core.attribution/2"
 """Version 2 records each layer's kind and groups (needed for ``by="channel"``)."""
 READABLE_FORMATS = ("faig_fast.core.attribution/1", FORMAT)
 
+#: Version of what one run's numbers mean (scores, sums, resume files); part of every run key.
+RUN_FORMAT = "faig_fast.run/1"
+#: What decides a run's numbers besides its images: runs that differ in any of these never combine.
+COMPUTE_FIELDS = ("rule", "precision", "mode", "filters", "model_a_sha256", "model_b_sha256", "scale", "run_format")
+
+
+def run_key(meta: dict, data: str | None, plan: str | None) -> dict:
+    """The canonical key of a run: its :data:`COMPUTE_FIELDS` (from ``meta``), the dataset's fingerprint
+    ``data`` and the digest of its batch plan ``plan`` (None where the source has none).  The resume
+    manifest, :meth:`Attribution.merge` and the torchrun reduction all compare this one key."""
+    key = {f: meta.get(f) for f in COMPUTE_FIELDS}
+    key["run_format"] = RUN_FORMAT
+    key.update(data=data, plan=plan)
+    return key
+
+
+def key_difference(a: dict, b: dict, fields: Sequence[str] | None = None) -> str | None:
+    """``"field: x vs y"`` for the first of ``fields`` (default: all of both) where two keys differ."""
+    for f in fields if fields is not None else list(dict.fromkeys([*a, *b])):
+        if a.get(f) != b.get(f):
+            return f"{f}: {a.get(f)!r} vs {b.get(f)!r}"
+    return None
+
 
 class Attribution:
     """Per-degradation sums of per-image filter scores Σ_kk |FAIG_i|, with image counts.
@@ -74,10 +97,13 @@ class Attribution:
                 self.sums[label] = s.clone()
 
     def merge(self, other: "Attribution") -> "Attribution":
-        """Combine two partial results over disjoint images (e.g. shards), in place; per-image lists
-        are concatenated (``self``'s images first)."""
+        """Combine two partial results over disjoint images (e.g. shards of one run, or runs of one
+        model pair and settings over different images), in place; per-image lists are concatenated
+        (``self``'s images first).  Refuses results of different runs (rule, precision, mode, filters,
+        models, scale: :data:`COMPUTE_FIELDS`) and the same images twice."""
         if other.index != self.index:
             raise FAIGError("cannot merge attributions of different models (their filter indices differ)")
+        self._check_mergeable(other)
         if self.image_names and other.image_names and bool(self.image_scores) != bool(other.image_scores):
             raise FAIGError("cannot merge an attribution with per-image scores and one without")
         if not self.image_names and other.image_names:
@@ -90,6 +116,18 @@ class Attribution:
         self.image_scores += other.image_scores
         self.convergence_delta += other.convergence_delta
         return self
+
+    def _check_mergeable(self, other: "Attribution") -> None:
+        mine, theirs = self.meta.get("run_key") or self.meta, other.meta.get("run_key") or other.meta
+        common = [f for f in COMPUTE_FIELDS if f in mine and f in theirs]
+        diff = key_difference(mine, theirs, common)
+        if diff is not None:
+            raise FAIGError(f"cannot merge attributions of different runs ({diff}): their scores do not add up")
+        if mine.get("data") is not None and mine.get("data") == theirs.get("data"):
+            both = set(self.image_names) & set(other.image_names)
+            if both:
+                raise FAIGError(f"cannot merge two attributions of the same dataset that share images "
+                                f"(e.g. '{sorted(both)[0]}'): each image would count twice")
 
     # queries ----------------------------------------------------------------------------------
     @property

@@ -1,4 +1,6 @@
-"""Turn whatever a loader yields into validated ``(lq, gt, labels, names)`` batches.
+"""Turn whatever a loader or dataset yields into validated ``(lq, gt, labels, names)`` batches: the
+one batch iterator (:func:`iterate_units`) and batching policy of every FAIG loop, the digests that
+tie resumed work to its inputs, and the model's scale (declared, or measured by one forward pass).
 
 Accepts tuples ``(lq, gt, label[, name])`` and dicts with keys ``lq``, ``gt``, ``label`` (and
 optionally ``name``); tensors CHW or BCHW; labels a string or one string per sample.  Every check
@@ -6,10 +8,14 @@ names the batch and sample it failed on, so a bad image never becomes a silent w
 """
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
+from torch.utils.data import Dataset, IterableDataset
 
 from faig_fast.errors import InvalidInputError
 
@@ -34,7 +40,7 @@ def _as_images(t: Any, what: str, where: str) -> torch.Tensor:
         raise InvalidInputError(f"{where}: {what} must be CHW or BCHW, got shape {tuple(t.shape)}")
     if not t.is_floating_point():
         raise InvalidInputError(f"{where}: {what} must be a float tensor in [0, 1], got dtype {t.dtype}")
-    if t.shape[1] == 0 or t.shape[-1] == 0 or t.shape[-2] == 0:
+    if t.numel() == 0:
         raise InvalidInputError(f"{where}: {what} is empty, shape {tuple(t.shape)}")
     if not torch.isfinite(t).all():
         raise InvalidInputError(f"{where}: {what} contains NaN or Inf")
@@ -57,10 +63,9 @@ def _as_labels(label: Any, n: int, where: str) -> list[str]:
     raise InvalidInputError(f"{where}: label must be a string or a sequence of strings, got {type(label).__name__}")
 
 
-def normalize_batch(raw: Any, index: int, scale: int | None, counter: int, where: str | None = None) -> Batch:
-    """Validate one loader item; ``counter`` numbers images for default names, ``where`` (default
-    ``"batch {index}"``) starts every error message."""
-    where = where or f"batch {index}"
+def normalize_batch(raw: Any, counter: int, where: str) -> Batch:
+    """Validate one loader item (types, shapes, values, labels, names; not the scale: see
+    :func:`check_sizes`); ``counter`` numbers the images for default names, ``where`` starts every error."""
     name = None
     if isinstance(raw, dict):
         missing = [k for k in ("lq", "gt", "label") if k not in raw]
@@ -77,7 +82,6 @@ def normalize_batch(raw: Any, index: int, scale: int | None, counter: int, where
     n = lq.shape[0]
     if gt.shape[0] != n:
         raise InvalidInputError(f"{where}: {n} lq images but {gt.shape[0]} gt images")
-    check_sizes(lq, gt, scale, where)
     labels = _as_labels(label, n, where)
     return Batch(lq, gt, labels, _as_names(name, n, counter, where))
 
@@ -105,17 +109,142 @@ def _as_names(name: Any, n: int, counter: int, where: str) -> list[str]:
     return [str(x) for x in name]
 
 
-def iterate_batches(loader: Iterable, scale: int | None) -> Iterator[Batch]:
-    """Validated batches from ``loader``; raises if it yields nothing."""
-    if loader is None:
-        raise InvalidInputError("loader is None: pass an iterable of (lq, gt, label) batches")
+#: Most images in one planned batch of a dataset (also the unit of work a killed resumable run can lose).
+BATCH_ITEMS = 8
+
+
+@dataclass
+class Unit:
+    """One batch of the run's plan: its number, the dataset positions of its images and, when loaded,
+    its validated parts (same-size batches with their positions; one part unless sizes change inside)."""
+
+    number: int
+    positions: list[int]
+    parts: list[tuple[list[int], Batch]] | None = None
+
+
+def is_dataset(data: Any) -> bool:
+    """True for a map-style dataset of single images (a ``torch.utils.data.Dataset`` with ``__len__``,
+    or any sized, indexable object with ``item_name``); lists, DataLoaders and generators are loaders
+    whose every item is a batch."""
+    if isinstance(data, (list, tuple)) or isinstance(data, IterableDataset):
+        return False
+    sized = hasattr(data, "__getitem__") and hasattr(data, "__len__")
+    return sized and (isinstance(data, Dataset) or hasattr(data, "item_name"))
+
+
+def plan_batches(dataset: Sequence) -> list[list[int]]:
+    """Consecutive items with the same GT size (``dataset.gt_size(i)``), at most :data:`BATCH_ITEMS`
+    each; one item per batch when the dataset cannot tell sizes without loading the images."""
+    size_of = getattr(dataset, "gt_size", None)
+    if not callable(size_of):
+        return [[i] for i in range(len(dataset))]
+    plan: list[list[int]] = []
+    key = None
+    for i in range(len(dataset)):
+        k = tuple(size_of(i))
+        if not plan or k != key or len(plan[-1]) == BATCH_ITEMS:
+            plan.append([])
+        plan[-1].append(i)
+        key = k
+    return plan
+
+
+Validator = Callable[[Batch, str], Batch]
+
+
+def iterate_units(data: Iterable, check: Validator, wanted: Callable[[int], bool] = lambda j: True) -> Iterator[Unit]:
+    """The one batch iterator of every FAIG loop.
+
+    A loader's items are its batches (images named by the batch, else ``image<position>``); a dataset
+    (:func:`is_dataset`) is cut by :func:`plan_batches` (images named ``dataset.item_name(i)``, else
+    ``image<i>``).  ``check(batch, where)`` validates each batch (each dataset item) as it is loaded;
+    units that ``wanted(number)`` declines are yielded without parts (a dataset does not load them).
+    Raises if there are no images.
+    """
+    if data is None:
+        raise InvalidInputError("loader is None: pass an iterable of (lq, gt, label) batches or a dataset")
+    units = _dataset_units(data, check, wanted) if is_dataset(data) else _loader_units(data, check, wanted)
     count = 0
-    for i, raw in enumerate(loader):
-        b = normalize_batch(raw, i, scale, count)
-        count += len(b)
-        yield b
+    for unit in units:
+        count += len(unit.positions)
+        yield unit
     if count == 0:
         raise InvalidInputError("the loader yielded no images: nothing to attribute")
+
+
+def _loader_units(loader: Iterable, check: Validator, wanted: Callable[[int], bool]) -> Iterator[Unit]:
+    count = 0
+    for i, raw in enumerate(loader):
+        where = f"batch {i}"
+        b = normalize_batch(raw, count, where)
+        positions = list(range(count, count + len(b)))
+        count += len(b)
+        yield Unit(i, positions, [(positions, check(b, where))] if wanted(i) else None)
+
+
+def _dataset_units(dataset: Sequence, check: Validator, wanted: Callable[[int], bool]) -> Iterator[Unit]:
+    for j, indices in enumerate(plan_batches(dataset)):
+        yield Unit(j, list(indices), _load_parts(dataset, indices, check) if wanted(j) else None)
+
+
+def _load_parts(dataset: Sequence, indices: list[int], check: Validator) -> list[tuple[list[int], Batch]]:
+    """Validated items ``indices`` of ``dataset``, stacked into batches split where tensor shapes change."""
+    groups: list[list[tuple[int, Batch]]] = []
+    for i in indices:
+        item = dataset[i]
+        if not isinstance(item, (tuple, list)) or len(item) < 3:
+            raise InvalidInputError(f"dataset item {i}: expected (lq, gt, label[, name]), got {type(item).__name__}")
+        name = dataset.item_name(i) if hasattr(dataset, "item_name") else (item[3] if len(item) > 3 else None)
+        where = f"item {i}"
+        b = check(normalize_batch((item[0], item[1], item[2], name), i, where), where)
+        if len(b) != 1:
+            raise InvalidInputError(f"{where}: a dataset item must be one image, got a batch of {len(b)}")
+        last = groups[-1][-1][1] if groups else None
+        if last is not None and last.lq.shape[1:] == b.lq.shape[1:] and last.gt.shape[1:] == b.gt.shape[1:]:
+            groups[-1].append((i, b))
+        else:
+            groups.append([(i, b)])
+    return [([i for i, _ in g], Batch(torch.cat([b.lq for _, b in g]), torch.cat([b.gt for _, b in g]),
+                                      [b.labels[0] for _, b in g], [b.names[0] for _, b in g])) for g in groups]
+
+
+def iterate_batches(data: Iterable, scale: int | None) -> Iterator[Batch]:
+    """Validated batches of a loader or dataset (see :func:`iterate_units`), gt checked against ``scale``."""
+    def check(b: Batch, where: str) -> Batch:
+        check_sizes(b.lq, b.gt, scale, where)
+        return b
+
+    for unit in iterate_units(data, check):
+        for _, batch in unit.parts:
+            yield batch
+
+
+def unit_digest(unit: Unit) -> str:
+    """SHA-256 of everything a unit feeds the run: positions, lq and gt (dtype, shape, bytes), labels,
+    names.  A resumed batch is reused only when this matches, whatever the dataset says."""
+    h = hashlib.sha256()
+    for positions, b in unit.parts:
+        h.update(json.dumps([positions, b.labels, b.names]).encode())
+        for t in (b.lq, b.gt):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def plan_digest(data: Any) -> str | None:
+    """SHA-256 of a dataset's batch plan (and :data:`BATCH_ITEMS`); None for loaders (no plan ahead)."""
+    if not is_dataset(data):
+        return None
+    return hashlib.sha256(json.dumps([BATCH_ITEMS, plan_batches(data)]).encode()).hexdigest()
+
+
+def data_fingerprint(data: Any) -> str | None:
+    """The dataset's own fingerprint of everything that determines its tensors (``data.fingerprint()``,
+    e.g. :meth:`~faig_fast.data.DegradedImageDataset.fingerprint`); None when it has none."""
+    fp = getattr(data, "fingerprint", None)
+    return str(fp()) if callable(fp) else None
 
 
 def model_scale(model: torch.nn.Module) -> int | None:
@@ -137,3 +266,34 @@ def infer_scale(lq_size: tuple[int, int], out_size: tuple[int, int], where: str)
             "not the same integer multiple on both axes (give the model an integer `upscale` attribute, "
             "or crop lq/gt so the output matches gt)")
     return H // h
+
+
+def probe_output(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, where: str) -> tuple[int, ...]:
+    """Output shape (C, H, W) of ``forward`` on the one-image batch ``x``, without gradients; a model
+    that cannot run on it raises :class:`InvalidInputError` naming ``where`` and the input shape."""
+    try:
+        with torch.no_grad():
+            out = forward(x)
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        raise InvalidInputError(f"{where}: the model cannot run on lq of shape {tuple(x.shape[1:])}: {e}") from e
+    if not isinstance(out, torch.Tensor) or out.dim() != 4:
+        raise InvalidInputError(f"{where}: the model must return one BCHW image tensor, got "
+                                f"{getattr(out, 'shape', type(out).__name__)}")
+    return tuple(out.shape[1:])
+
+
+def resolve_scale(model: torch.nn.Module, channels: int = 3, where: str = "model", size: int = 24) -> int:
+    """The model's scale before any data exists (to build a dataset that makes LQ from GT): its declared
+    one (:func:`model_scale`), else measured like :class:`~faig_fast.core.attributor.Attributor` does,
+    by :func:`probe_output` and :func:`infer_scale`, on a private eval copy with a (1, ``channels``,
+    ``size``, ``size``) input."""
+    scale = model_scale(model)
+    if scale is not None:
+        return scale
+    probe = copy.deepcopy(model).eval()
+    dtype = next((p.dtype for p in probe.parameters() if p.is_floating_point()), torch.float32)
+    x = torch.full((1, channels, size, size), 0.5, dtype=dtype)
+    out = probe_output(probe, x, f"{where} (declares no scale; measuring it)")
+    return infer_scale((size, size), out[-2:], where)

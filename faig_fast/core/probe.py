@@ -1,20 +1,27 @@
-"""Checks that make a model's forward safe to integrate: unused parameters and in-place ops.
+"""Checks that make a model's forward safe to integrate: unused parameters, in-place ops, calls back
+into the caller's network, and which module a transform cannot run.
 
 * Parameters the forward does not use (re-parameterised blocks whose training branches are folded
   away at inference) get zero gradient; :func:`warn_unused` says once which.
 * A forward that autograd cannot differentiate (an in-place op overwrote a tensor the backward
   needs) becomes an :class:`InvalidInputError` naming the modules involved and what to do.
+* A private copy whose forward still reaches the caller's modules or tensors (a closure the copy
+  could not rebind, a global) would silently run the caller's un-interpolated network:
+  :func:`check_private` refuses it, naming the module, without touching the caller's model.
+* :func:`failing_module` names the module in which a pass raised (for fallback warnings).
 """
 from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
-from faig_fast.errors import InvalidInputError
+from faig_fast.errors import FAIGError, InvalidInputError
 
 _INPLACE = "modified by an inplace operation"
 _NO_GRAD = "does not require grad"
@@ -75,6 +82,11 @@ def autograd_error(model_name: str, mode: str, exc: RuntimeError,
     return None
 
 
+def is_autograd_error(exc: BaseException) -> bool:
+    """True for the errors :func:`autograd_error` explains (a property of the forward, not of a strategy)."""
+    return isinstance(exc, RuntimeError) and (_INPLACE in str(exc) or _NO_GRAD in str(exc))
+
+
 @contextlib.contextmanager
 def explained(model_name: str, mode: str, suspects: Callable[[], tuple[list[str], list[str]]]) -> Iterator[None]:
     """Turn autograd's in-place / no-grad errors raised inside the block into :class:`InvalidInputError`."""
@@ -85,3 +97,81 @@ def explained(model_name: str, mode: str, suspects: Callable[[], tuple[list[str]
         if err is None:
             raise
         raise err from exc
+
+
+# calls back into the caller's network ---------------------------------------------------------------
+
+class _Foreign(Exception):
+    """Raised inside the probe pass, before the op that would touch the caller's model runs."""
+
+
+class _CallerTensors(TorchFunctionMode):
+    """Stops any torch op that reads or writes a storage of the caller's parameters or buffers."""
+
+    def __init__(self, storages: dict[int, str]):
+        super().__init__()
+        self.storages = storages
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        for t in tree_flatten((args, kwargs or {}))[0]:
+            if isinstance(t, torch.Tensor):
+                name = self.storages.get(_storage(t))
+                if name is not None:
+                    raise _Foreign(f"tensor '{name}'")
+        return func(*args, **(kwargs or {}))
+
+
+def _storage(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # wrapper tensors without storage
+        return 0
+
+
+def check_private(model: nn.Module, model_name: str, forward: Callable[[], Any]) -> Any:
+    """Run ``forward`` (one pass of the private copy) and refuse, with a :class:`FAIGError`, if it calls a
+    module of the caller's ``model`` or touches one of its tensors.  The op is stopped before it runs,
+    and the temporary hooks are removed, so ``model`` stays bit-identical and hook-free."""
+    storages = {}
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for n, t in items:
+            ptr = _storage(t)
+            if ptr:
+                storages.setdefault(ptr, n)
+
+    def pre_hook(name: str) -> Callable:
+        def hook(module, args):
+            raise _Foreign(f"module '{name}' ({type(module).__name__})")
+        return hook
+
+    handles = [m.register_forward_pre_hook(pre_hook(n or type(m).__name__)) for n, m in model.named_modules()]
+    try:
+        with _CallerTensors(storages):
+            return forward()
+    except _Foreign as exc:
+        raise FAIGError(
+            f"{model_name}: the private copy's forward still reaches the caller's model ({exc}), so it would run "
+            "the caller's own network instead of the interpolated one. This happens when forward (or a hook) is "
+            "replaced on an instance by a function the copy cannot rebind, or reads the model through a global; "
+            "wrap the model in a module subclass instead of assigning `m.forward = ...`.") from None
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def failing_module(net: nn.Module, run: Callable[[], Any]) -> str | None:
+    """The innermost module of ``net`` running when ``run()`` raised, as "'name' (Class)", or ``None``."""
+    stack: list[str] = []
+    handles = []
+    for name, m in net.named_modules():
+        label = f"'{name}' ({type(m).__name__})" if name else f"{type(m).__name__} (top level)"
+        handles.append(m.register_forward_pre_hook(lambda mod, args, label=label: stack.append(label)))
+        handles.append(m.register_forward_hook(lambda mod, args, out: stack.pop() if stack else None))
+    try:
+        run()
+    except Exception:  # noqa: BLE001 - we only want to know where
+        return stack[-1] if stack else None
+    finally:
+        for h in handles:
+            h.remove()
+    return None

@@ -8,7 +8,6 @@ batching, no shortcuts.  Parameters the forward does not use get 0.
 """
 from __future__ import annotations
 
-import copy
 from typing import Callable, Iterable
 
 import torch
@@ -18,7 +17,8 @@ from faig_fast.core.attribution import Attribution
 from faig_fast.core.batches import iterate_batches, model_scale
 from faig_fast.core.filters import FilterIndex
 from faig_fast.core.pair import check_pair
-from faig_fast.core.path_params import check_mode, floating_parameters, set_mode
+from faig_fast.core.path_params import check_mode, private_copy
+from faig_fast.core.paths import floating_parameters
 from faig_fast.core.quadrature import nodes_and_weights
 
 
@@ -31,7 +31,7 @@ def reference_image_faig(model_a: nn.Module, model_b: nn.Module, lq: torch.Tenso
                          steps: int = 100, method: str = "riemann_left",
                          mode: str = "eval") -> dict[str, torch.Tensor]:
     """Signed FAIG_i of every floating parameter for one image (Eq. 6), keyed by canonical name."""
-    net = set_mode(copy.deepcopy(model_b), mode)
+    net = private_copy(model_b, mode)
     params = floating_parameters(net)
     tensors = {**params, **dict(net.named_buffers())}
     others = {**dict(model_a.named_parameters()), **dict(model_a.named_buffers())}

@@ -5,7 +5,9 @@ Images are float32 CHW tensors in [0, 1] throughout: RGB by default, grayscale w
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,10 +20,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from faig_fast.data.degradations import Degradation, make_degradation
-from faig_fast.data.images import PIL_ERRORS, PathLike, check_channels, list_images, modcrop, read_image, to_channels
+from faig_fast.data.images import PIL_ERRORS, PathLike, check_channels, list_images, read_image, to_channels
 from faig_fast.errors import InvalidInputError
 
 ImageSource = Union[PathLike, Sequence[PathLike], Sequence[tuple[str, Tensor]]]
+#: Version of how items are made from sources (bump when a degradation or crop changes its output).
+FINGERPRINT_FORMAT = "DegradedImageDataset/1"
 
 
 # ------------------------------------------------------------------------------------ dataset
@@ -35,6 +39,18 @@ def _image_size(path: Path) -> tuple[int, int]:
     except PIL_ERRORS as e:
         raise InvalidInputError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
     return h, w
+
+
+def _file_sha256(path: Path) -> str:
+    """SHA-256 of all bytes of an image file."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError as e:
+        raise InvalidInputError(f"cannot read image {path}: {e}") from e
+    return h.hexdigest()
 
 
 def _item_seed(seed: int, image_index: int, degradation_index: int) -> int:
@@ -190,6 +206,28 @@ class DegradedImageDataset(Dataset):
         gen = torch.Generator().manual_seed(_item_seed(self.seed, j, d))
         lq = self.degradations[d](gt, generator=gen)
         return lq, gt.clone(), self.degradation_labels[d]  # clone: callers may edit it in place
+
+    def fingerprint(self) -> str:
+        """SHA-256 of everything that determines this dataset's tensors: every source image's content
+        (all bytes of each file, or a tensor's dtype, shape and values) and name, every degradation
+        parameter, the seed, the crop, the scale and the channel count.  Two datasets with one
+        fingerprint yield the same items; a resumed run uses it to refuse another dataset's work."""
+        h = hashlib.sha256()
+        params = {
+            "format": FINGERPRINT_FORMAT, "names": self.names, "labels": list(self.degradation_labels),
+            "degradations": [dataclasses.asdict(d) for d in self.degradations], "scale": self.scale,
+            "seed": self.seed, "crop": self.crop, "channels": self.channels,
+        }
+        h.update(json.dumps(params, sort_keys=True).encode())
+        if self._tensors is not None:
+            for t in self._tensors:
+                t = t.detach().cpu().contiguous()
+                h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+                h.update(t.view(torch.uint8).numpy().tobytes())
+        else:
+            for path in self._paths:  # type: ignore[union-attr]
+                h.update(_file_sha256(path).encode())
+        return h.hexdigest()
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
