@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -115,21 +114,10 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
 def _load_pair(args: argparse.Namespace) -> tuple:
     """The baseline and target models per --arch / --model-class / --model-kwargs."""
-    from faig_fast.errors import InvalidInputError
-    from faig_fast.models import load_model
+    from faig_fast.apps.model_args import model_loader
 
-    kwargs = {}
-    if args.model_kwargs is not None:
-        try:
-            kwargs = json.loads(args.model_kwargs)
-        except json.JSONDecodeError as e:
-            raise InvalidInputError(f"--model-kwargs is not valid JSON ({e}): {args.model_kwargs!r}") from e
-        if not isinstance(kwargs, dict):
-            raise InvalidInputError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
-    if args.model_class is not None and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # as `python -m` does: a module in the current folder imports
-    return tuple(load_model(path, args.arch, model_class=args.model_class, model_kwargs=kwargs)
-                 for path in (args.baseline, args.target))
+    load = model_loader(args)
+    return load(args.baseline), load(args.target)
 
 
 def _attribute(args: argparse.Namespace, rank: int, world: int) -> int:

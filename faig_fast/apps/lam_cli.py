@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -67,7 +65,7 @@ def add_lam_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
 
 def load_models(args: argparse.Namespace) -> dict[str, object]:
     """The models to attribute, by display name: ``--model`` paths (file stems) or ``baseline``/``target``."""
-    from faig_fast.models import load_model
+    from faig_fast.apps.model_args import model_loader
 
     paths: list[tuple[str, str]] = []
     if args.model:
@@ -81,17 +79,8 @@ def load_models(args: argparse.Namespace) -> dict[str, object]:
     names = [n for n, _ in paths]
     if len(set(names)) != len(names):
         paths = [(f"{n}_{i + 1}", p) for i, (n, p) in enumerate(paths)]
-    kwargs = {}
-    if args.model_kwargs is not None:
-        try:
-            kwargs = json.loads(args.model_kwargs)
-        except json.JSONDecodeError as e:
-            raise InvalidInputError(f"--model-kwargs is not valid JSON ({e}): {args.model_kwargs!r}") from e
-        if not isinstance(kwargs, dict):
-            raise InvalidInputError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
-    if args.model_class is not None and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    return {n: load_model(p, args.arch, model_class=args.model_class, model_kwargs=kwargs) for n, p in paths}
+    load = model_loader(args)
+    return {n: load(p) for n, p in paths}
 
 
 def _single(args: argparse.Namespace, models: dict[str, object]) -> dict:

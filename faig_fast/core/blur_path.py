@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from faig_fast.core.quadrature import nodes_and_weights
+from faig_fast.data.degradations import reflect101_index
 from faig_fast.errors import InvalidInputError
 
 #: The reference's ε: keeps K(0) finite (the identity).
@@ -79,9 +80,28 @@ class PathNodes:
         return int(self.alphas.shape[0])
 
 
+#: Below this σ every off-centre weight of K(σ) is < 2⁻⁵³ (e^(−1/(2σ²)) ≈ 1.1e-16): the blurred image
+#: equals the input in float64, so the path no longer moves.
+SIGMA_STILL = 0.1166
+
+
+def moving_part(sigma: float) -> float:
+    """α_c = 1 − σ_still/σ₀: the path moves (at float64 resolution) only on [0, α_c].
+
+    The α-derivative of K is concentrated near σ ≈ 0.3–0.6 and vanishes faster than any power as
+    σ → 0; a quadrature rule spread over all of [0, 1] spends its nodes where nothing moves and
+    resolves that feature poorly.  Placing the rule's nodes on [0, α_c] leaves out a part of the
+    integral below float64 resolution and, measured on the shipped pair, needs far fewer nodes
+    for the same map (README, Local attribution maps)."""
+    return 1.0 - SIGMA_STILL / sigma if sigma > SIGMA_STILL else 1.0
+
+
 def path_nodes(method: str, steps: int, sigma: float = DEFAULT_SIGMA,
                kernel_size: int = DEFAULT_KERNEL_SIZE) -> PathNodes:
-    """The discretised blur path for ``method`` (``"lam"`` or a quadrature rule) with ``steps`` nodes."""
+    """The discretised blur path for ``method`` (``"lam"`` or a quadrature rule) with ``steps`` nodes.
+
+    ``"lam"`` is the reference's discretisation; a quadrature rule uses the analytic derivative of
+    the kernel and places its nodes on the part of the path that moves (:func:`moving_part`)."""
     sigma, kernel_size = check_kernel_args(sigma, kernel_size)
     if method == "lam":
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_LAM_STEPS:
@@ -92,20 +112,11 @@ def path_nodes(method: str, steps: int, sigma: float = DEFAULT_SIGMA,
         return PathNodes(grid[1:], torch.full((steps,), 1.0 / steps, dtype=torch.float64), k[1:],
                          (k[1:] - k[:-1]) * steps)
     alphas, weights = nodes_and_weights(method, steps)
+    end = moving_part(sigma)
+    alphas, weights = alphas * end, weights * end
     s = sigma * (1 - alphas)
     return PathNodes(alphas, weights, gaussian_kernels(s, kernel_size),
                      -sigma * gaussian_kernels_dsigma(s, kernel_size))
-
-
-def reflect101_index(n: int, pad: int, device: torch.device | None = None) -> torch.Tensor:
-    """Source indices of a length-``n`` axis padded by ``pad`` per side with BORDER_REFLECT_101
-    (``dcb|abcd|cba``), folding again when ``pad >= n`` as OpenCV does."""
-    idx = torch.arange(-pad, n + pad, device=device)
-    if n == 1:
-        return torch.zeros_like(idx)
-    period = 2 * (n - 1)
-    idx = torch.remainder(idx, period)
-    return torch.where(idx > n - 1, period - idx, idx)
 
 
 def pad_reflect101(x: torch.Tensor, pad: int) -> torch.Tensor:

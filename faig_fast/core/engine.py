@@ -76,6 +76,13 @@ def check_precision(precision: str) -> str:
     return precision
 
 
+#: Default working set of one batched pass on CPU.  Batching buys nothing there (one pass already
+#: keeps the cores busy) while GB-sized activation buffers are page-faulted in anew on every pass:
+#: measured, LAM's 50 steps of a 64×64 LR crop (MSRResNet 4×32) as one 1.5 GB chunk took 2.0 s, in
+#: chunks of 4–10 steps 1.1–1.4 s.
+CPU_CHUNK_BYTES = 256 << 20
+
+
 class ModuleRunner:
     """Module semantics for ONE network, shared by every path (FAIG's parameter path, LAM's input path).
 
@@ -146,7 +153,7 @@ class ModuleRunner:
 
     def plan_chunk(self, n: int, item_bytes: int, factor: int = 2) -> int:
         """Items per chunk (≤ ``n``) that fit ``chunk_size``, else ``memory_budget`` bytes, else 70 % of free
-        device memory (4 GiB on CPU), at ``factor`` × ``item_bytes`` each."""
+        device memory (:data:`CPU_CHUNK_BYTES` on CPU), at ``factor`` × ``item_bytes`` each."""
         if self.chunk_size:
             return max(1, min(self.chunk_size, n))
         if self.memory_budget is not None:
@@ -155,8 +162,28 @@ class ModuleRunner:
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = int(free * 0.7)
         else:
-            budget = 4 << 30
+            budget = CPU_CHUNK_BYTES
         return int(max(1, min(n, budget // max(1, item_bytes * factor))))
+
+    @contextlib.contextmanager
+    def cpu_layout(self, enabled: bool = True) -> Iterator[None]:
+        """On CPU, hold the network's 4-D parameters and buffers channels-last meanwhile (oneDNN's fast
+        path: measured ≈ 9% faster FAIG passes, ≈ 18% faster LAM passes of MSRResNet on 64 px crops);
+        only those, so Conv3d weights and 5-D filters keep theirs."""
+        if not enabled or self.device.type != "cpu":
+            yield
+            return
+        self._set_format(torch.channels_last)
+        try:
+            yield
+        finally:
+            self._set_format(torch.contiguous_format)
+
+    def _set_format(self, fmt: torch.memory_format) -> None:
+        with torch.no_grad():
+            for t in [*self.net.parameters(), *self.net.buffers()]:
+                if t.dim() == 4:
+                    t.data = t.data.contiguous(memory_format=fmt)
 
     def run_chunks(self, n: int, chunk: int, run: Callable[[int, int], None]) -> None:
         """``run(start, stop)`` over [0, n) in chunks, halving the chunk on out-of-memory (the one policy;

@@ -43,9 +43,10 @@ METHODS = ("lam", *QUADRATURE_METHODS)
 
 Window = tuple[int, int, int]
 
-#: Gauss–Legendre nodes of the fast rule (``method="gausslegendre"``): provisional until
-#: :func:`faig_fast.apps.lam_bench.lam_study` measures the fewest that match a converged map.
-FAST_LAM_NODES = 16
+#: Gauss–Legendre nodes of the fast rule (``method="gausslegendre"``): the fewest whose maps match a
+#: converged one (the reference's rule at 400 steps; mean Pearson r ≥ 0.999) with a DI as close as the
+#: reference's 50 steps (`faig study lam`, benchmarks/results/study-lam-msrresnet_small.json).
+FAST_LAM_NODES = 24
 _META_KEY = "faig_fast_lam"
 
 
@@ -347,7 +348,7 @@ class LocalAttributor:
         chunk = 1 if self.one_at_a_time else r.plan_chunk(total, item_bytes)
         weights = self.nodes.weights.to(r.device, torch.float64)
         with tqdm(total=total, desc="LAM", unit="node", disable=not progress) as bar, \
-                r.explained(lambda: self.forward(x1)):
+                r.explained(lambda: self.forward(x1)), r.cpu_layout():
             def run(start: int, stop: int) -> None:
                 self._chunk(items, start, stop, weights)
                 bar.update(stop - start)

@@ -88,7 +88,7 @@ def gaussian_kernel(size: int = 21, sigma: float = 2.0) -> Tensor:
     return (k2 / k2.sum()).float()
 
 
-def _reflect101_index(n: int, pad: int, device: torch.device) -> Tensor:
+def reflect101_index(n: int, pad: int, device: torch.device | None = None) -> Tensor:
     """Source indices of a length-``n`` axis padded by ``pad`` on each side with OpenCV's
     BORDER_REFLECT_101 (``dcb|abcd|cba``), folding repeatedly when ``pad >= n`` (unlike ``F.pad``)."""
     idx = torch.arange(-pad, n + pad, device=device)
@@ -109,8 +109,8 @@ def blur(img: Tensor, sigma: float = 2.0, kernel_size: int = 21) -> Tensor:
     b, c, h, w = x.shape
     pad = kernel_size // 2
     x = x.reshape(b * c, 1, h, w)
-    x = x.index_select(2, _reflect101_index(h, pad, x.device))
-    x = x.index_select(3, _reflect101_index(w, pad, x.device))
+    x = x.index_select(2, reflect101_index(h, pad, x.device))
+    x = x.index_select(3, reflect101_index(w, pad, x.device))
     k = _gaussian_1d(kernel_size, sigma).to(device=x.device, dtype=x.dtype)
     x = F.conv2d(x, k.view(1, 1, kernel_size, 1))  # vertical pass
     x = F.conv2d(x, k.view(1, 1, 1, kernel_size))  # horizontal pass

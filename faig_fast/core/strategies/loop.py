@@ -1,11 +1,7 @@
 """The ``loop`` strategy: one forward+backward per node, in the private network's own tensors."""
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import torch
-from torch import nn
 
 from faig_fast.core.strategies.base import ImageResult, Strategy
 
@@ -31,7 +27,7 @@ class Loop(Strategy):
             x = x.contiguous(memory_format=torch.channels_last)
         total = {n: torch.zeros_like(e.theta[n]) for n in e.param_names}
         slopes, unused = [], set()
-        with _layout(net, channels_last):
+        with e.runner.cpu_layout(channels_last):
             params = dict(net.named_parameters())
             buffers = dict(net.named_buffers())
             leaves = [params[n].requires_grad_() for n in e.param_names]
@@ -54,24 +50,3 @@ class Loop(Strategy):
                     p.requires_grad_(False)
         e.note_unused([n for n in e.param_names if n in unused])
         return ImageResult(total, torch.stack(slopes))
-
-
-@contextlib.contextmanager
-def _layout(net: nn.Module, channels_last: bool) -> Iterator[None]:
-    """Hold the network's 4-D parameters and buffers in channels-last layout meanwhile (only those:
-    Conv3d weights, 5-D filters and modulated convs keep theirs)."""
-    if not channels_last:
-        yield
-        return
-    _set_format(net, torch.channels_last)
-    try:
-        yield
-    finally:
-        _set_format(net, torch.contiguous_format)
-
-
-def _set_format(net: nn.Module, fmt: torch.memory_format) -> None:
-    with torch.no_grad():
-        for t in [*net.parameters(), *net.buffers()]:
-            if t.dim() == 4:
-                t.data = t.data.contiguous(memory_format=fmt)
