@@ -84,10 +84,56 @@ def _precision(doc: dict) -> str:
             "\n\n" + precision_markdown(doc))
 
 
+def _lam_bench(doc: dict) -> str:
+    """LAM cases per input: seconds, speed-up against the naive per-step loop, agreement, memory."""
+    rows = [f"{doc['device']}, torch {doc['torch']}, {doc.get('torch_threads', '?')} threads; "
+            f"target of `{doc['pair']}`.", ""]
+    names = {"naive": "naive loop (reference structure)", "lam": "`method=\"lam\"` (exact)",
+             "fast": "fast rule", "windows_one_call": "K windows, one call", "windows_single_calls": "K windows, K calls"}
+    rows += ["| input | case | rule | seconds | speed-up | Pearson r vs exact | DI − DI(exact) | peak RSS |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for run in doc["runs"]:
+        where = f"{run['input']} `{run['image']}` {run['image_shape'][-2]}×{run['image_shape'][-1]} LR"
+        for case, c in run["cases"].items():
+            rule = run["fast_rule"] if case == "fast" else f"lam/{run['steps']}"
+            if case.startswith("windows"):
+                rule += f" × {c['windows']} windows"
+            sp = c.get("speedup_vs_naive")
+            sp = f"{sp:.2f}×" if sp is not None else "–"
+            if "speedup_vs_single_calls" in c:
+                sp = f"{c['speedup_vs_single_calls']:.2f}× vs K calls"
+            r = c.get("pearson_r", c.get("min_pearson_r_vs_single"))
+            ddi = c.get("di_difference")
+            rows.append(f"| {where} | {names.get(case, case)} | {rule} | {c['seconds']:.2f} | "
+                        f"{sp} | {'–' if r is None else f'{r:.5f}'} | "
+                        f"{'–' if ddi is None else f'{ddi:+.3f}'} | {c['peak_bytes'] / 2**20:.0f} MiB |")
+    return "\n".join(rows)
+
+
+def _lam_study(doc: dict) -> str:
+    from faig_fast.apps.lam_bench import lam_study_markdown
+
+    return (f"{len(doc['images'])} Set14 images ({doc['size']}×{doc['size']} LR crops) × {doc['windows_per_image']} "
+            f"windows of {doc['window_size']} px, target of `{Path(doc['pair']).name}`.\n\n" + lam_study_markdown(doc).strip())
+
+
+def _lam_reference(doc: dict) -> str:
+    rows = ["| pair | window (row, col, size) | max \\|ours − reference\\| / max \\|reference\\| | DI (ours) | DI (reference) |",
+            "| --- | --- | ---: | ---: | ---: |"]
+    rows += [f"| `{r['pair']}` | {tuple(r['window'])} | {r['max_abs_diff_over_max_abs']:.1e} | {r['di']:.4f} | "
+             f"{r['di_reference']:.4f} |" for r in doc["rows"]]
+    return "\n".join(rows)
+
+
 def _findings(report: str) -> str:
     """The qualitative-findings checklist of a ``faig reproduce`` report, verbatim."""
     part = report.split("## Do the paper's qualitative findings hold here?", 1)[1].split("\n## ", 1)[0]
     return part.strip()
+
+
+def _markdown(text: str) -> str:
+    """A generated Markdown file (e.g. ``faig lam --data``'s ``lam_dataset.md``), verbatim."""
+    return text.strip()
 
 
 def _json_block(doc: dict) -> str:
@@ -96,7 +142,8 @@ def _json_block(doc: dict) -> str:
 
 RENDERERS: dict[str, Callable[[dict], str]] = {
     "bench": _bench, "quadrature": _quadrature, "precision": _precision, "first_call": _first_call, "regression": _regression,
-    "findings": _findings, "json": _json_block,
+    "findings": _findings, "json": _json_block, "lam_bench": _lam_bench, "lam_study": _lam_study,
+    "lam_reference": _lam_reference, "markdown": _markdown,
 }
 
 

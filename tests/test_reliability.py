@@ -119,3 +119,16 @@ def test_failed_batch_save_leaves_no_torn_file_and_resumes(tmp_path, monkeypatch
     assert again.counts == whole.counts and again.image_names == whole.image_names
     for label in whole.labels:
         assert torch.equal(again.sums[label], whole.sums[label])
+
+
+def test_atomic_writes_get_the_mode_open_would_give(tmp_path):
+    import os
+
+    from faig_fast.utils.io import atomic_write_text
+
+    from faig_fast.utils import io
+
+    expected = 0o666 & ~io._UMASK
+    assert expected != 0o600  # the usual umasks (022, 002) give 0644 / 0664; mkstemp alone gives 0600
+    path = atomic_write_text(tmp_path / "a.txt", "x")
+    assert (os.stat(path).st_mode & 0o777) == expected

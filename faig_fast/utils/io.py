@@ -10,6 +10,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once at import: os.umask is process-wide, not safe to toggle per write
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[str]:
     """Yield a temp path in ``path``'s folder; on success fsync it and ``os.replace`` it onto ``path``.
@@ -24,6 +33,7 @@ def atomic_write(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[str]
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
