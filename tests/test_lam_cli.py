@@ -152,3 +152,29 @@ def test_record_key_covers_models_image_and_settings():
     for change in ({"steps": 51}, {"sigma": 1.3}, {"seed": 1}, {"method": "gausslegendre"}, {"windows": 5},
                    {"precision": "fp64"}, {"input": "lr"}):
         assert k != record_key({"a": "1"}, "img", replace(s, **change))
+
+
+def test_dataset_mode_under_torchrun_matches_one_process(files):
+    """Two gloo ranks (images shared round-robin, records gathered on rank 0) give the single run's DI."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    cmd = ["-m", "faig_fast", "lam", *_dataset_args(files, files / "one")]
+    single = subprocess.run([sys.executable, *cmd], env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    cmd = ["-m", "faig_fast", "lam", *_dataset_args(files, files / "two")]
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *cmd],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    one = json.loads((files / "one" / "lam_dataset.json").read_text())
+    two = json.loads((files / "two" / "lam_dataset.json").read_text())
+    assert [im["name"] for im in two["images"]] == [im["name"] for im in one["images"]] == ["0.png", "1.png"]
+    for a, b in zip(one["images"], two["images"]):
+        assert a["windows"] == b["windows"]
+        for m in ("baseline", "target"):
+            assert b["models"][m]["diffusion_index"] == pytest.approx(a["models"][m]["diffusion_index"], rel=1e-9)
+    assert two["overall"]["target"]["n"] == one["overall"]["target"]["n"] == 4
