@@ -89,3 +89,16 @@ def pair():
 @pytest.fixture
 def loader():
     return make_loader()
+
+
+def perturb_(model: torch.nn.Module, noise: float, g: torch.Generator) -> torch.nn.Module:
+    """Add Gaussian noise to every floating parameter and buffer in place (running variances kept
+    positive): a fine-tuned-looking target from a copy of the baseline."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_floating_point():
+                t.add_(noise * torch.randn(t.shape, generator=g, dtype=t.dtype))
+        for n, t in model.named_buffers():
+            if "running_var" in n:
+                t.abs_()
+    return model

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import faig_fast
-from conftest import TinySR, make_loader, make_pair
+from conftest import TinySR, make_loader, make_pair, perturb_
 from faig_fast import attribute
 from faig_fast.core.completeness import (CompletenessGuard, checks_to_host, error_model, image_check, judge,
                                          relative_delta)
@@ -36,14 +36,7 @@ def _perturbed_pair(cls, seed: int = 0, noise: float = 0.05, **kw):
     torch.manual_seed(seed)
     a = cls(**kw).double().eval()
     b = copy.deepcopy(a)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for t in [*b.parameters(), *b.buffers()]:
-            if t.is_floating_point():
-                t.add_(noise * torch.randn(t.shape, generator=g, dtype=t.dtype))
-        for n, t in b.named_buffers():
-            if "running_var" in n:
-                t.abs_()
+    perturb_(b, noise, torch.Generator().manual_seed(seed + 1))
     return a, b
 
 

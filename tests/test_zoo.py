@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from conftest import perturb_
+
 from faig_fast.core.engine import PathEngine, linear_path_blocker
 from faig_fast.core.filters import FilterIndex
 from faig_fast.core.reference import filter_scores, reference_image_faig
@@ -339,14 +341,7 @@ def zoo_pair(name: str, noise: float = 0.05):
     a = cls().double().eval()
     torch.manual_seed(0)  # built again, not deep-copied: an instance-level closure must stay b's own
     b = cls().double().eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for t in [*b.parameters(), *b.buffers()]:
-            if t.is_floating_point():
-                t.add_(noise * torch.randn(t.shape, generator=g, dtype=t.dtype))
-        for n, t in b.named_buffers():
-            if "running_var" in n:
-                t.abs_()
+    perturb_(b, noise, torch.Generator().manual_seed(1))
     return a, b
 
 
