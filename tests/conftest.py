@@ -102,3 +102,21 @@ def perturb_(model: torch.nn.Module, noise: float, g: torch.Generator) -> torch.
             if "running_var" in n:
                 t.abs_()
     return model
+
+
+def write_pair_and_images(folder):
+    """A tiny SRCNN-style pair (``a.safetensors``, ``b.safetensors``) and two 16×18 random images in
+    ``imgs/`` under ``folder``, for CLI tests; returns ``folder``."""
+    import numpy as np
+    from PIL import Image
+
+    from faig_fast.models import save_model
+
+    a, b = registry_pair("srcnn_style")
+    save_model(a, folder / "a.safetensors")
+    save_model(b, folder / "b.safetensors")
+    (folder / "imgs").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (16, 18, 3), dtype=np.uint8)).save(folder / "imgs" / f"{i}.png")
+    return folder

@@ -3,28 +3,18 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import make_loader, make_pair, registry_pair
+from conftest import make_loader, make_pair, write_pair_and_images
 from faig_fast.core.attribution import Attribution, read_index_file
 from faig_fast.apps.bench import run_benchmarks
 from faig_fast.apps.cli import main
-from faig_fast.models import save_model
 from faig_fast.apps.studies import precision_study, quadrature_markdown, quadrature_study
 
 
 @pytest.fixture
 def files(tmp_path):
-    a, b = registry_pair("srcnn_style")
-    save_model(a, tmp_path / "a.safetensors")
-    save_model(b, tmp_path / "b.safetensors")
-    (tmp_path / "imgs").mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 256, (16, 18, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
-    return tmp_path
+    return write_pair_and_images(tmp_path)
 
 
 def _attribute_args(files, *extra: str) -> list[str]:

@@ -10,13 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import registry_pair
+from conftest import registry_pair, write_pair_and_images
 from faig_fast.apps.lam_cli import add_lam_parser, cmd_lam
 from faig_fast.apps.lam_runs import LamSettings, choose_windows, record_key
 from faig_fast.core.lam import LocalAttribution, lam
 from faig_fast.data.images import read_image
 from faig_fast.errors import InvalidInputError
-from faig_fast.models import save_model
 
 
 def run(argv: list[str]) -> int:
@@ -33,13 +32,8 @@ def run(argv: list[str]) -> int:
 
 @pytest.fixture
 def files(tmp_path):
-    a, b = registry_pair("srcnn_style")
-    save_model(a, tmp_path / "a.safetensors")
-    save_model(b, tmp_path / "b.safetensors")
-    (tmp_path / "imgs").mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 256, (16, 18, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    write_pair_and_images(tmp_path)
+    rng = np.random.default_rng(1)
     Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(tmp_path / "lr.png")
     return tmp_path
 

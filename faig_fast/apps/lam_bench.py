@@ -146,7 +146,7 @@ def bench_inputs(size: int | None, images: int, scale: int, data: str | Path | N
                  channels: int = 3) -> list[tuple[str, torch.Tensor]]:
     """(name, LR input) pairs from Set14: HR centre-cropped to ``size``·scale (``None``: full images),
     bicubic ÷scale; scikit-image's photographs when Set14 is not there."""
-    from faig_fast.apps.lam_runs import bicubic_down
+    from faig_fast.data.degradations import bicubic_down
     from faig_fast.data.images import demo_images, list_images, read_image
 
     folder = Path(data) if data is not None else data_root() / "Set14"

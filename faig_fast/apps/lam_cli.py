@@ -95,13 +95,11 @@ def _single(args: argparse.Namespace, models: dict[str, object]) -> dict:
     out = Path(args.out)
     image = read_image(args.image, 1 if args.gray else 3)
     if args.input == "hr":
-        from faig_fast.apps.lam_runs import bicubic_down
+        from faig_fast.data.degradations import bicubic_down
 
-        scales = {n: LocalAttributor(m, steps=1, device=args.device).output_shape(image, args.image)[-1]
-                  // image.shape[-1] for n, m in models.items()}
-        if len(set(scales.values())) != 1:
-            raise InvalidInputError(f"the models have different scales {scales}")
-        image = bicubic_down(image, next(iter(scales.values())))
+        from faig_fast.apps.lam_runs import common_scale
+
+        image = bicubic_down(image, common_scale(models, image.shape[0]))
     t0 = time.perf_counter()
     doc: dict = {"image": str(args.image), "results": []}
     grid_rows = [{"name": Path(args.image).name, "window": w, "maps": {}} for w in args.window]

@@ -21,15 +21,18 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
 import faig_fast
 from faig_fast.core.lam_figures import lam_grid_figure
+from faig_fast.core.batches import resolve_scale
 from faig_fast.core.lam import LocalAttributor, Window
-from faig_fast.data.images import list_images, modcrop, read_image
+from faig_fast.core.run_loop import process_group
+from faig_fast.data.degradations import bicubic_down
+from faig_fast.data.images import list_images, read_image
+from faig_fast.utils.tensors import update_digest
 from faig_fast.errors import InvalidInputError
 from faig_fast.utils.io import atomic_save_safetensors, atomic_write_json, atomic_write_text
 
@@ -92,20 +95,10 @@ def choose_windows(image: torch.Tensor, out_hw: tuple[int, int], k: int, size: i
 
 
 # inputs -------------------------------------------------------------------------------------------
-def bicubic_down(hr: torch.Tensor, scale: int) -> torch.Tensor:
-    """The LR input of an HR image: modcrop, bicubic ÷scale with antialiasing (as PIL's BICUBIC
-    resize the reference uses), clamped to [0, 1]."""
-    hr = modcrop(hr, scale)
-    if scale == 1:
-        return hr
-    h, w = hr.shape[-2:]
-    lr = F.interpolate(hr[None], size=(h // scale, w // scale), mode="bicubic", align_corners=False, antialias=True)
-    return lr[0].clamp(0, 1)
-
-
 def image_sha256(image: torch.Tensor) -> str:
-    t = image.detach().to("cpu", torch.float32).contiguous()
-    return hashlib.sha256(str(tuple(t.shape)).encode() + t.numpy().tobytes()).hexdigest()
+    h = hashlib.sha256()
+    update_digest(h, image)
+    return h.hexdigest()
 
 
 def record_key(models: dict[str, str], image_hash: str, settings: LamSettings) -> str:
@@ -186,7 +179,7 @@ def lam_dataset(models: dict[str, nn.Module], folder: str | Path, out: str | Pat
     if not models:
         raise InvalidInputError("lam_dataset: no models given")
     files = list_images(folder)[:max_images]
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    rank, world = process_group()
     out = Path(out)
     store = RecordStore(out / "records")
     attributors = {n: LocalAttributor(m, steps=settings.steps, method=settings.method, sigma=settings.sigma,
@@ -194,7 +187,7 @@ def lam_dataset(models: dict[str, nn.Module], folder: str | Path, out: str | Pat
                                       precision=settings.precision, internal_batch_size=settings.internal_batch_size,
                                       mode=settings.mode) for n, m in models.items()}
     hashes = {n: a.meta["model_sha256"] for n, a in attributors.items()}
-    scale = _common_scale(attributors, settings.channels)
+    scale = common_scale(models, settings.channels)
     records = []
     mine = list(range(len(files)))[rank::world]
     with tqdm(total=len(mine), desc=f"LAM rank {rank}" if world > 1 else "LAM", unit="img",
@@ -211,17 +204,10 @@ def lam_dataset(models: dict[str, nn.Module], folder: str | Path, out: str | Pat
     return _write_summary(records, list(models), store, out, settings, hashes, scale)
 
 
-def _common_scale(attributors: dict[str, LocalAttributor], channels: int) -> int:
-    """The models' common scale (declared, else measured on a 24×24 probe); all must agree."""
-    scales = {}
-    for n, att in attributors.items():
-        s = att.scale
-        if s is None:
-            c, h, w = att.output_shape(torch.full((channels, 24, 24), 0.5), f"model {n}")
-            if h % 24 or w % 24 or h != w:
-                raise InvalidInputError(f"model {n}: a 24x24 input gives a {h}x{w} output, not an integer scale")
-            s = h // 24
-        scales[n] = s
+def common_scale(models: dict[str, nn.Module], channels: int) -> int:
+    """The models' common scale (declared, else measured by one forward pass, as ``faig attribute``
+    measures it); all must agree, since LAM compares them on the same windows."""
+    scales = {n: resolve_scale(m, channels, f"model {n}") for n, m in models.items()}
     if len(set(scales.values())) != 1:
         raise InvalidInputError(f"the models have different scales {scales}: LAM compares them on the same windows")
     return next(iter(scales.values()))

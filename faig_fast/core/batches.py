@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 
 from faig_fast.errors import InvalidInputError
+from faig_fast.utils.tensors import update_digest
 
 
 @dataclass
@@ -153,18 +154,22 @@ def plan_batches(dataset: Sequence) -> list[list[int]]:
 Validator = Callable[[Batch, str], Batch]
 
 
-def iterate_units(data: Iterable, check: Validator, wanted: Callable[[int], bool] = lambda j: True) -> Iterator[Unit]:
+def iterate_units(data: Iterable, check: Validator, wanted: Callable[[int], bool] = lambda j: True,
+                  plan: list[list[int]] | None = None) -> Iterator[Unit]:
     """The one batch iterator of every FAIG loop.
 
     A loader's items are its batches (images named by the batch, else ``image<position>``); a dataset
     (:func:`is_dataset`) is cut by :func:`plan_batches` (images named ``dataset.item_name(i)``, else
-    ``image<i>``).  ``check(batch, where)`` validates each batch (each dataset item) as it is loaded;
+    ``image<i>``; ``plan``, when given, is that plan already made).  ``check(batch, where)`` validates each batch (each dataset item) as it is loaded;
     units that ``wanted(number)`` declines are yielded without parts (a dataset does not load them).
     Raises if there are no images.
     """
     if data is None:
         raise InvalidInputError("loader is None: pass an iterable of (lq, gt, label) batches or a dataset")
-    units = _dataset_units(data, check, wanted) if is_dataset(data) else _loader_units(data, check, wanted)
+    if is_dataset(data):
+        units = _dataset_units(data, check, wanted, plan if plan is not None else plan_batches(data))
+    else:
+        units = _loader_units(data, check, wanted)
     count = 0
     for unit in units:
         count += len(unit.positions)
@@ -183,8 +188,9 @@ def _loader_units(loader: Iterable, check: Validator, wanted: Callable[[int], bo
         yield Unit(i, positions, [(positions, check(b, where))] if wanted(i) else None)
 
 
-def _dataset_units(dataset: Sequence, check: Validator, wanted: Callable[[int], bool]) -> Iterator[Unit]:
-    for j, indices in enumerate(plan_batches(dataset)):
+def _dataset_units(dataset: Sequence, check: Validator, wanted: Callable[[int], bool],
+                   plan: list[list[int]]) -> Iterator[Unit]:
+    for j, indices in enumerate(plan):
         yield Unit(j, list(indices), _load_parts(dataset, indices, check) if wanted(j) else None)
 
 
@@ -227,17 +233,15 @@ def unit_digest(unit: Unit) -> str:
     for positions, b in unit.parts:
         h.update(json.dumps([positions, b.labels, b.names]).encode())
         for t in (b.lq, b.gt):
-            t = t.detach().cpu().contiguous()
-            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            update_digest(h, t)
     return h.hexdigest()
 
 
-def plan_digest(data: Any) -> str | None:
+def plan_digest(plan: list[list[int]] | None) -> str | None:
     """SHA-256 of a dataset's batch plan (and :data:`BATCH_ITEMS`); None for loaders (no plan ahead)."""
-    if not is_dataset(data):
+    if plan is None:
         return None
-    return hashlib.sha256(json.dumps([BATCH_ITEMS, plan_batches(data)]).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([BATCH_ITEMS, plan]).encode()).hexdigest()
 
 
 def data_fingerprint(data: Any) -> str | None:

@@ -228,6 +228,10 @@ class PathEngine:
         self.param_names = self.space.param_names
         self.theta, self.delta = self.space.theta, self.space.delta
         self.buffer_delta = self.space.buf_delta
+        # floating buffers that differ between the models move along the path without a gradient: their
+        # share of L(θ̄) − L(θ) is not in Σ_i FAIG_i over parameters (Eq. 4); fixed, so found once
+        self.moved_buffers = [n for n, d in self.buffer_delta.items() if bool(d.ne(0).any())]
+        self.buffers_move = bool(self.moved_buffers)
         self._model_b = model_b
         self._index: FilterIndex | None = None
         self.strategies: dict[str, Strategy] = {name: cls(self) for name, cls in REGISTRY.items()}
@@ -251,15 +255,6 @@ class PathEngine:
             self._index = FilterIndex.from_model(self._model_b)
         return self._index
 
-    @property
-    def moved_buffers(self) -> list[str]:
-        """Floating buffers that differ between the models: they move along the path without a gradient,
-        so their share of L(θ̄) − L(θ) is not in Σ_i FAIG_i over parameters (Eq. 4)."""
-        return [n for n, d in self.buffer_delta.items() if bool(d.ne(0).any())]
-
-    @property
-    def buffers_move(self) -> bool:
-        return bool(self.moved_buffers)
 
     # passes -------------------------------------------------------------------------------------
     def forward(self, alpha: float, x: torch.Tensor, buffer_alpha: float | None = None) -> torch.Tensor:

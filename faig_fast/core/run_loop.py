@@ -80,12 +80,13 @@ def run(att: Attributor, data: Iterable, *, keep_per_image: bool = False, progre
         resume_dir: str | os.PathLike | None = None, distributed: bool = False) -> Attribution:
     """FAIG of ``att``'s pair over a loader or dataset (see :func:`faig_fast.attribute`)."""
     rank, world = process_group() if distributed else (0, 1)
-    state = _Run(att, keep_per_image, resume_dir, data_fingerprint(data), plan_digest(data), rank)
+    plan = plan_batches(data) if is_dataset(data) else None
+    state = _Run(att, keep_per_image, resume_dir, data_fingerprint(data), plan_digest(plan), rank)
     sums = None if resume_dir is not None else att.new_sums()
-    total = sum(map(len, plan_batches(data)[rank::world])) if is_dataset(data) else None
+    total = sum(map(len, plan[rank::world])) if plan is not None else None
     with att.math_mode(), tqdm(total=total, desc=f"FAIG rank {rank}" if world > 1 else "FAIG", unit="img",
                                disable=not progress) as bar:
-        for unit in iterate_units(data, att.validate, wanted=lambda j: j % world == rank):
+        for unit in iterate_units(data, att.validate, wanted=lambda j: j % world == rank, plan=plan):
             if unit.parts is not None:
                 state.do(unit, sums)
                 bar.update(len(unit.positions))

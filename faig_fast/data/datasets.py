@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from faig_fast.data.degradations import Degradation, make_degradation
 from faig_fast.data.images import PIL_ERRORS, PathLike, check_channels, list_images, read_image, to_channels
 from faig_fast.errors import InvalidInputError
+from faig_fast.utils.tensors import update_digest
 
 ImageSource = Union[PathLike, Sequence[PathLike], Sequence[tuple[str, Tensor]]]
 #: Version of how items are made from sources (bump when a degradation or crop changes its output).
@@ -221,9 +222,7 @@ class DegradedImageDataset(Dataset):
         h.update(json.dumps(params, sort_keys=True).encode())
         if self._tensors is not None:
             for t in self._tensors:
-                t = t.detach().cpu().contiguous()
-                h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-                h.update(t.view(torch.uint8).numpy().tobytes())
+                update_digest(h, t)
         else:
             for path in self._paths:  # type: ignore[union-attr]
                 h.update(_file_sha256(path).encode())

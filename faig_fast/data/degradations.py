@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from faig_fast.data.images import modcrop
 from faig_fast.errors import InvalidInputError
 
 __all__ = [
@@ -131,6 +132,17 @@ def downsample(img: Tensor, scale: int = 2) -> Tensor:
     x = img.unsqueeze(0) if squeeze else img
     x = F.interpolate(x, size=out, mode="bilinear", align_corners=False, antialias=False)
     return x.squeeze(0) if squeeze else x
+
+
+def bicubic_down(hr: Tensor, scale: int) -> Tensor:
+    """The LR input of an HR image (C, H, W) as the LAM paper makes it: modcrop, bicubic ÷scale with
+    antialiasing (as PIL's BICUBIC resize), clamped to [0, 1]."""
+    hr = modcrop(hr, _check_scale(scale))
+    if scale == 1:
+        return hr
+    h, w = hr.shape[-2:]
+    lr = F.interpolate(hr[None], size=(h // scale, w // scale), mode="bicubic", align_corners=False, antialias=True)
+    return lr[0].clamp(0, 1)
 
 
 def add_noise(img: Tensor, sigma: float = 0.1, generator: torch.Generator | None = None) -> Tensor:
